@@ -168,8 +168,12 @@ class LogitStore:
         if not 1 <= t <= self.epochs_complete:
             raise StoreError(self.path, S.A_EPOCHS_COMPLETE, f"at least {t} complete epochs",
                              self.epochs_complete)
-        full = da.from_zarr(self.logits_array(), chunks=(1, block, self.num_classes))
-        return full[:t].rechunk((t, block, self.num_classes))
+        if block < 1:
+            raise StoreError(self.path, "block", "at least one sample per block", block)
+        # Chunked (t, block, C) from the start: the first epoch-chunk is exactly the t epochs
+        # wanted, so each task reads its samples' t epochs itself (no rechunk, no extra copies).
+        full = da.from_zarr(self.logits_array(), chunks=(t, block, self.num_classes))
+        return full[:t]
 
 
 def open_logits(path: str | Path) -> LogitStore:

@@ -1,0 +1,363 @@
+"""Stage two out of core: every requested score from the logit store, one block of samples at a time.
+
+The store's logits (E, N, C) are read with ``dask.array.from_zarr(..., chunks=(T, block, C))``:
+each task holds *every* epoch and *every* class of ``block`` samples, checks them for NaN/inf and
+computes every requested score for them with ``pipeline.scores.compute_block``, so the store is
+read once for all scores. The per-sample results, a few floats per sample, are gathered in
+memory and finished with ``pipeline.scores.finalize`` (global ranks, ``random``). Peak memory
+is about ``workers × block_mb`` (times the score functions' temporaries), never proportional
+to N: the (T, N, C) array is never materialised.
+
+The epoch and class axes must never be split inside a task: a reduction over a split axis
+silently returns a per-chunk answer. ``check_unsplit`` checks the chunking before anything runs
+and every task checks the block it got; both raise ``AssertionError`` explicitly, so ``python -O``
+does not remove them.
+
+Scheduler: dask's threaded scheduler by default (``num_workers`` = the usable cores, so at most
+that many blocks are in memory at once), or a ``dask.distributed.Client`` that runs the same
+graph on a cluster. ``device="cuda"`` runs the score functions on the worker's GPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from store import schema as S
+from store.logits import LogitStore, labels_fingerprint
+from store.schema import StoreError
+
+__all__ = [
+    "ScoreResult",
+    "score_store",
+    "choose_block",
+    "check_unsplit",
+    "check_block",
+    "check_labels",
+    "check_data_config",
+    "check_device",
+    "usable_cores",
+    "DATA_KEYS_IGNORED",
+]
+
+# Keys of the data section that say where the data lives or how to fetch it, not what it is:
+# a store made on another machine (another data.root) is still the same data set.
+DATA_KEYS_IGNORED = ("root", "download")
+
+_NONFINITE = "__nonfinite__"  # a block task's report of NaN/inf logits, instead of its scores
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What ``score_store`` returns.
+
+    arrays: name -> (N,) scores in dataset order (every output of every method, e.g. td_dyun, wdu,
+    tsdd); seconds: wall time of the read-and-score pass; bytes_read: logit bytes read from the
+    store (uncompressed, T × N × C × itemsize); block: samples per task; epochs_read: T;
+    scheduler: a short description ("threads(2)" or "distributed(tcp://...)").
+    """
+
+    arrays: dict[str, np.ndarray]
+    seconds: float
+    bytes_read: int
+    block: int
+    epochs_read: int
+    num_blocks: int = 0
+    scheduler: str = "threads"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput_mb_s(self) -> float:
+        """Read throughput in MB/s (10^6 bytes) over the whole pass."""
+        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+def usable_cores() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_block(block_mb: float, *, epochs: int, num_classes: int, chunk: int, num_samples: int,
+                 itemsize: int = 4) -> int:
+    """Samples per task: ``block × T × C × itemsize ≈ block_mb`` MiB, a multiple of the store's
+    sample chunk ``chunk`` (at least one chunk), at most N.
+
+    itemsize is that of the in-memory block (float32: 4). A block never cuts a store chunk, so
+    every chunk is read (and decompressed) by exactly one task.
+    """
+    if not block_mb > 0:
+        raise ValueError(f"score.block_mb = {block_mb!r}: expected a number of MiB > 0")
+    per_sample = max(1, epochs * num_classes * itemsize)
+    wanted = int(block_mb * 2**20 // per_sample)
+    block = max(1, wanted // chunk) * chunk
+    return int(min(block, num_samples))
+
+
+def check_unsplit(chunks: tuple[tuple[int, ...], ...], *, epochs: int, num_classes: int) -> None:
+    """Raise AssertionError unless every block holds all ``epochs`` epochs and all classes.
+
+    chunks: a dask array's ``.chunks`` for (T, N, C). An explicit raise, not ``assert``: this
+    guards correctness (a reduction over a split axis returns a per-chunk answer) and must
+    survive ``python -O``.
+    """
+    if len(chunks) != 3:
+        raise AssertionError(f"logit blocks must be (T, n, C), got chunks over {len(chunks)} axes")
+    if tuple(chunks[0]) != (epochs,):
+        raise AssertionError(
+            f"the epoch axis is split into chunks {tuple(chunks[0])}; every task must hold all "
+            f"{epochs} epochs of its samples")
+    if tuple(chunks[2]) != (num_classes,):
+        raise AssertionError(
+            f"the class axis is split into chunks {tuple(chunks[2])}; every task must hold all "
+            f"{num_classes} classes of its samples")
+
+
+def check_block(shape: tuple[int, ...], *, epochs: int, num_classes: int, num_labels: int) -> None:
+    """Raise AssertionError unless one task's block is (epochs, n, num_classes) with n labels."""
+    if len(shape) != 3 or shape[0] != epochs or shape[2] != num_classes:
+        raise AssertionError(
+            f"a score task got a block of shape {tuple(shape)}; expected ({epochs}, n, {num_classes}): "
+            "the epoch or class axis was split")
+    if shape[1] != num_labels:
+        raise AssertionError(f"a score task got {shape[1]} samples of logits but {num_labels} labels")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this process cannot use: a clear error instead of a torch traceback."""
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"score.device = {device!r}: expected cpu, cuda or cuda:K")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"score.device = {device!r}: CUDA is not available on this machine "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use score.device=cpu")
+    if ":" in device:
+        index = int(device.split(":", 1)[1])
+        if not 0 <= index < torch.cuda.device_count():
+            raise RuntimeError(f"score.device = {device!r}: only {torch.cuda.device_count()} CUDA devices")
+
+
+def check_labels(store: LogitStore, expected_labels: np.ndarray) -> None:
+    """Refuse a store whose labels are not those of the configured data set (by fingerprint)."""
+    expected = labels_fingerprint(np.asarray(expected_labels))
+    found = store.fingerprint
+    if expected != found or np.asarray(expected_labels).shape != (store.num_samples,):
+        raise StoreError(
+            store.path, "attrs.dataset.fingerprint",
+            f"the configured data set's labels (N = {np.asarray(expected_labels).shape[0]}, "
+            f"fingerprint {expected})",
+            f"N = {store.num_samples}, fingerprint {found}")
+
+
+def check_data_config(store: LogitStore, data: Mapping[str, Any], *, source: str = "params") -> None:
+    """Refuse a store trained on another data section than the configured one.
+
+    ``data``: the configured ``data`` section as a mapping. Keys in ``DATA_KEYS_IGNORED`` (where
+    the data lives, whether to download it) are not compared. Every differing key is named with
+    both values.
+    """
+    config = store.attrs.get(S.A_CONFIG) or {}
+    recorded = config.get("data") if isinstance(config, Mapping) else None
+    if not isinstance(recorded, Mapping):
+        raise StoreError(store.path, "attrs.config.data", "the data section the store was trained on",
+                         recorded)
+    keys = sorted((set(recorded) | set(data)) - set(DATA_KEYS_IGNORED))
+    diffs = [k for k in keys if recorded.get(k, "<missing>") != data.get(k, "<missing>")]
+    if diffs:
+        detail = "; ".join(
+            f"data.{k} = {data.get(k, '<missing>')!r} in {source}, {recorded.get(k, '<missing>')!r} in the store"
+            for k in diffs)
+        raise StoreError(store.path, "attrs.config.data",
+                         f"the configured data section ({detail})", {k: recorded.get(k) for k in diffs})
+
+
+# ---------------------------------------------------------------------------------------------
+# The block task
+# ---------------------------------------------------------------------------------------------
+def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, epochs: int,
+                num_classes: int) -> np.ndarray:
+    """One task: x (T, n, C) logits of a block, y (1, n, 1) labels → a (1, 1, 1) object array
+    holding ``{output: (n,)}``, or a NaN/inf report ``{_NONFINITE: (per-epoch counts (T,), n_bad)}``."""
+    from pipeline.scores import compute_block
+
+    check_block(x.shape, epochs=epochs, num_classes=num_classes, num_labels=y.size)
+    finite = np.isfinite(x).all(axis=2)  # (T, n)
+    holder = np.empty((1, 1, 1), dtype=object)
+    if not finite.all():
+        bad_per_epoch = (~finite).sum(axis=1).astype(np.int64)  # (T,)
+        bad_samples = int((~finite).any(axis=0).sum())
+        holder[0, 0, 0] = {_NONFINITE: (bad_per_epoch, bad_samples)}
+        return holder
+    if device != "cpu":
+        check_device(device)  # on the worker: a cluster's workers may lack the GPU
+    outputs = compute_block(x, y.reshape(-1), resolved, device=device)
+    result = {}
+    for name, values in outputs.items():
+        values = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+        if values.shape != (x.shape[1],):
+            raise AssertionError(f"compute_block output {name!r} has shape {values.shape}, "
+                                 f"expected ({x.shape[1]},)")
+        result[name] = values
+    holder[0, 0, 0] = result
+    return holder
+
+
+def _method_needing(resolved: dict, needed: int) -> str:
+    """The method(s) whose trajectory needs ``needed`` epochs (for the error message)."""
+    from pipeline.scores import epochs_needed
+
+    names = []
+    for name, params in resolved.items():
+        try:
+            if epochs_needed({name: params}) == needed:
+                names.append(name)
+        except (KeyError, TypeError, ValueError):  # a method that cannot be asked alone
+            continue
+    return ", ".join(names) or ", ".join(resolved)
+
+
+def _build_graph(store: LogitStore, resolved: dict, *, epochs: int, block: int, device: str):
+    """The lazy per-block tasks (dask delayed objects, in block order)."""
+    import dask.array as da
+
+    n, c = store.num_samples, store.num_classes
+    x = store.to_dask(block=block, epochs=epochs)  # (T, N, C), chunks (T, block, C)
+    check_unsplit(x.chunks, epochs=epochs, num_classes=c)
+    y = da.from_array(store.labels.reshape(1, n, 1), chunks=(1, block, 1))
+    out = da.map_blocks(
+        _block_task, x, y, dtype=object, chunks=(1, 1, 1), meta=np.empty((0, 0, 0), dtype=object),
+        resolved=resolved, device=device, epochs=epochs, num_classes=c,
+        name="tddyun-score-block",
+    )
+    return list(out.to_delayed(optimize_graph=True).ravel())
+
+
+def _run_threads(tasks: list, *, workers: int, progress: bool) -> list:
+    import contextlib
+
+    import dask
+
+    bar = contextlib.nullcontext()
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        bar = ProgressBar(out=sys.stderr)
+    with bar:
+        return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+
+
+def _run_client(tasks: list, *, client, progress: bool) -> list:
+    futures = client.compute(tasks)
+    try:
+        if progress:
+            from distributed import as_completed
+            from tqdm import tqdm
+
+            for future in tqdm(as_completed(futures), total=len(futures), desc="score", unit="block",
+                               file=sys.stderr):
+                if future.status == "error":
+                    break  # gather re-raises it below
+        return client.gather(futures)
+    finally:
+        for future in futures:
+            future.release()
+
+
+def score_store(
+    store: LogitStore,
+    resolved: dict,
+    *,
+    block_mb: float,
+    device: str = "cpu",
+    client=None,
+    progress: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+) -> ScoreResult:
+    """Every score in ``resolved`` (from ``pipeline.scores.resolve_methods``) for all N samples.
+
+    Reads the first T = ``epochs_needed(resolved)`` complete epochs once, in blocks of samples
+    of about ``block_mb`` MiB (all epochs, all classes), computes every score per block
+    (``compute_block``), then ``finalize`` (global ranks; ``random`` from ``seed``). Returns
+    (N,) arrays in dataset order, with the same convention as the score functions (higher =
+    more worth keeping).
+
+    client: a ``dask.distributed.Client`` to run on (default: threads, ``workers`` of them,
+    default the usable cores). device: where the score functions run (cpu | cuda | cuda:K).
+    Errors: too few complete epochs (names the store, the number needed and the method), NaN or
+    inf logits in the epochs used (names the store, the first such epoch and the sample count).
+    """
+    from pipeline.scores import epochs_needed, finalize
+
+    if not resolved:
+        raise ValueError("score.methods: expected at least one score")
+    check_device(device)
+    needed = int(epochs_needed(resolved))
+    have = store.epochs_complete
+    if needed > have:
+        raise StoreError(
+            store.path, f"attrs.{S.A_EPOCHS_COMPLETE}",
+            f"at least {needed} complete epochs (the trajectory of {_method_needing(resolved, needed)})",
+            have)
+    if needed < 1:
+        raise AssertionError(f"epochs_needed returned {needed}; expected >= 1")
+    n, c = store.num_samples, store.num_classes
+    logits = store.logits_array()
+    chunk = int(logits.chunks[1])
+    block = choose_block(block_mb, epochs=needed, num_classes=c, chunk=chunk, num_samples=n)
+    tasks = _build_graph(store, resolved, epochs=needed, block=block, device=device)
+
+    start = time.perf_counter()
+    if client is None:
+        workers = workers or usable_cores()
+        scheduler = f"threads({workers})"
+        parts = _run_threads(tasks, workers=workers, progress=progress)
+    else:
+        scheduler = f"distributed({client.scheduler.address})"
+        parts = _run_client(tasks, client=client, progress=progress)
+    results = [p[0, 0, 0] for p in parts]
+
+    _raise_nonfinite(store, results, epochs=needed)
+    names = list(results[0]) if results else []
+    for r in results:
+        if list(r) != names:
+            raise AssertionError(f"blocks returned different outputs: {names} and {list(r)}")
+    block_outputs = {name: np.concatenate([r[name] for r in results]) for name in names}
+    arrays = finalize(block_outputs, resolved, num_samples=n, seed=seed)
+    seconds = time.perf_counter() - start
+    for name, values in arrays.items():
+        if np.shape(values) != (n,):
+            raise AssertionError(f"score {name!r} has shape {np.shape(values)}, expected ({n},)")
+    itemsize = np.dtype(logits.dtype).itemsize
+    return ScoreResult(
+        arrays={k: np.asarray(v) for k, v in arrays.items()}, seconds=seconds,
+        bytes_read=needed * n * c * itemsize, block=block, epochs_read=needed,
+        num_blocks=len(tasks), scheduler=scheduler,
+    )
+
+
+def _raise_nonfinite(store: LogitStore, results: list[dict], *, epochs: int) -> None:
+    reports = [r[_NONFINITE] for r in results if _NONFINITE in r]
+    if not reports:
+        return
+    per_epoch = np.sum([rep[0] for rep in reports], axis=0)  # (T,) samples with NaN/inf per epoch
+    samples = sum(rep[1] for rep in reports)
+    bad_epochs = np.flatnonzero(per_epoch)
+    shown = ", ".join(str(int(e)) for e in bad_epochs[:10]) + (", ..." if bad_epochs.size > 10 else "")
+    raise StoreError(
+        store.path, f"{S.LOGITS}[epoch {int(bad_epochs[0])}]",
+        f"finite logits in the {epochs} epochs used",
+        f"NaN or inf in {samples} samples, first at epoch {int(bad_epochs[0])} (epochs {shown})")
