@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .data import ArrayDataset, epoch_batches, epoch_generator, to_device_batch
 
 __all__ = ["fit", "FitResult", "EpochSink", "LogitRecorder", "TrainingDiverged", "resolve_device",
-           "seed_everything", "evaluate", "predict_logits"]
+           "seed_everything", "evaluate", "predict_logits", "weighted_mean"]
 
 EVAL_BATCH = 1024  # samples per batch for evaluation passes (no gradients, so larger)
 
@@ -119,6 +119,17 @@ def evaluate(model: nn.Module, data: ArrayDataset, device: torch.device, *, chan
     logits, loss = predict_logits(model, data, device, channels_last=channels_last, with_loss=True)
     correct = (logits.argmax(1).cpu() == data.y).float().mean().item()
     return correct, loss.mean().item()
+
+
+def weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Stage three's loss ``mean_i(w_i * CE_i)`` over a batch: per_sample (B,), weights (B,) or None.
+
+    Divided by B, not by the sum of the batch's weights: with weights of mean 1 over the kept set
+    the learning rate means what it means without weights, and a weight of 2 counts a sample twice.
+    """
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights).mean()
 
 
 def _lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -232,7 +243,7 @@ def fit(
             with _autocast(device):
                 logits = model(x)
             per_sample = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
-            loss = (per_sample * weights[sid]).mean() if weights is not None else per_sample.mean()
+            loss = weighted_mean(per_sample, weights[sid] if weights is not None else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
