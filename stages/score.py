@@ -68,7 +68,7 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
     from pipeline.scores import SCORES, ScoreParamError, resolve_methods
     from pipeline.select import select
     from pipeline.weights import importance_weights, resolve_weighting
-    from store.artifacts import write_json, write_keep_csv, write_scores
+    from store.artifacts import atomic_path, write_json, write_keep_csv, write_scores
     from store.logits import open_logits
 
     started = time.perf_counter()
@@ -112,13 +112,12 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
     store_info = {"path": str(store.path), "fingerprint": store.fingerprint,
                   "epochs_complete": store.epochs_complete, "num_samples": store.num_samples,
                   "num_classes": store.num_classes}
-    write_scores(paths.scores, arrays, {
+
+    scores_attrs = {
         "config": resolved_config, "methods": resolved, "prune_rate": prune_rate,
         "select_by": sc.select_by, "directions": directions, "store": store_info,
         "versions": store.attrs.get("versions", {}),
-    })
-    write_keep_csv(paths.keep, keep_ids, weights, np.asarray(selection.keep_scores))
-
+    }
     classes, counts = np.unique(labels[keep_ids], return_counts=True)
     summary = {
         "n_keep": int(keep_ids.size),
@@ -147,7 +146,13 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
         "outputs": {"scores": paths.scores, "keep": paths.keep},
         "config": resolved_config,
     }
-    write_json(paths.score_summary, summary)
+    # All three are written under temporary names first and renamed only once all are whole:
+    # an interrupted run leaves the previous outputs (or none), never a half-written or mixed set.
+    with atomic_path(paths.scores) as scores_tmp, atomic_path(paths.keep) as keep_tmp, \
+            atomic_path(paths.score_summary) as summary_tmp:
+        write_scores(scores_tmp, arrays, scores_attrs)
+        write_keep_csv(keep_tmp, keep_ids, weights, np.asarray(selection.keep_scores))
+        write_json(summary_tmp, summary)
     return summary
 
 
