@@ -109,12 +109,14 @@ class RetrainConfig:
 class PathsConfig:
     store: str = "artifacts/logits.zarr"
     train_metrics: str = "artifacts/train_metrics.json"
+    train_history: str = "artifacts/train_history.csv"  # per-epoch, for dvc plots
     train_model: str = "artifacts/train_model.pt"
     checkpoint: str = "artifacts/train_checkpoint.pt"
     scores: str = "artifacts/scores.zarr"
     keep: str = "artifacts/keep.csv"
     score_summary: str = "artifacts/score_summary.json"
     retrain_metrics: str = "artifacts/retrain_metrics.json"
+    retrain_history: str = "artifacts/retrain_history.csv"
     retrain_model: str = "artifacts/retrain_model.pt"
     report: str = "artifacts/report"
     sweep: str = "artifacts/sweep"

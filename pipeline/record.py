@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from store.artifacts import atomic_path, write_json
+from store.artifacts import atomic_path, write_history_csv, write_json
 from store.logits import LogitWriter, create_logit_store, labels_fingerprint, open_logits
 from store.schema import StoreError
 
@@ -118,6 +118,7 @@ def record_training(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
         torch.save(result.model.state_dict(), tmp)
     metrics = training_metrics(cfg, result, num_train=len(data.train))
     write_json(paths.train_metrics, metrics)
+    write_history_csv(paths.train_history, metrics["history"])
     return metrics
 
 

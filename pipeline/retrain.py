@@ -104,7 +104,7 @@ def speedup(retrain_metrics: dict[str, Any], train_metrics_path: str | Path) -> 
 def retrain_from_keep_list(cfg: Config, *, progress: bool | None = None,
                            log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Stage three as the CLI runs it: read paths.keep, retrain, write the model and metrics."""
-    from store.artifacts import read_keep_csv, write_json
+    from store.artifacts import read_keep_csv, write_history_csv, write_json
 
     paths = cfg.paths
     ids, weights, _ = read_keep_csv(paths.keep)
@@ -128,4 +128,5 @@ def retrain_from_keep_list(cfg: Config, *, progress: bool | None = None,
     metrics["config"] = config_to_dict(cfg)
     metrics["versions"] = versions()
     write_json(paths.retrain_metrics, metrics)
+    write_history_csv(paths.retrain_history, metrics["history"])
     return metrics

@@ -248,3 +248,15 @@ def read_keep_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         raise KeepListError(f"{path}: line 2: no rows: expected at least one kept sample")
     return (np.asarray(ids, dtype=np.int64), np.asarray(weights, dtype=np.float64),
             np.asarray(scores, dtype=np.float64))
+
+
+def write_history_csv(path: str | Path, history: list[Mapping[str, Any]],
+                      columns: tuple[str, ...] = ("epoch", "loss", "train_accuracy", "test_accuracy",
+                                                  "epoch_seconds")) -> Path:
+    """Per-epoch metrics as CSV (what ``dvc plots`` reads), atomically; missing values left empty."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(",".join(columns) + "\n")
+            for row in history:
+                fh.write(",".join("" if row.get(c) is None else repr(row.get(c)) for c in columns) + "\n")
+    return Path(path)
