@@ -5,8 +5,8 @@ each task holds *every* epoch and *every* class of ``block`` samples, checks the
 computes every requested score for them with ``pipeline.scores.compute_block``, so the store is
 read once for all scores. The per-sample results, a few floats per sample, are gathered in
 memory and finished with ``pipeline.scores.finalize`` (global ranks, ``random``). Peak memory
-is about ``workers × block_mb`` (times the score functions' temporaries), never proportional
-to N: the (T, N, C) array is never materialised.
+is about ``workers × (block_mb + a few × SLICE_MB)`` (a task scores its block in slices), never
+proportional to N: the (T, N, C) array is never materialised.
 
 The epoch and class axes must never be split inside a task: a reduction over a split axis
 silently returns a per-chunk answer. ``check_unsplit`` checks the chunking before anything runs
@@ -19,11 +19,12 @@ graph on a cluster. ``device="cuda"`` runs the score functions on the worker's G
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -47,6 +48,11 @@ __all__ = [
 # Keys of the data section that say where the data lives or how to fetch it, not what it is:
 # a store made on another machine (another data.root) is still the same data set.
 DATA_KEYS_IGNORED = ("root", "download")
+
+# Each task scores its block in slices of about this many MiB of float32 logits: the score
+# functions' temporaries are several times their input, so they scale with the slice while the
+# read (one decompression of each chunk) stays a whole, chunk-aligned block.
+SLICE_MB = 16.0
 
 _NONFINITE = "__nonfinite__"  # a block task's report of NaN/inf logits, instead of its scores
 
@@ -188,30 +194,44 @@ def check_data_config(store: LogitStore, data: Mapping[str, Any], *, source: str
 # The block task
 # ---------------------------------------------------------------------------------------------
 def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, epochs: int,
-                num_classes: int) -> np.ndarray:
+                num_classes: int, slice_samples: int) -> np.ndarray:
     """One task: x (T, n, C) logits of a block, y (1, n, 1) labels → a (1, 1, 1) object array
-    holding ``{output: (n,)}``, or a NaN/inf report ``{_NONFINITE: (per-epoch counts (T,), n_bad)}``."""
+    holding ``{output: (n,)}``, or a NaN/inf report ``{_NONFINITE: (per-epoch counts (T,), n_bad)}``.
+
+    The block is scored in slices of ``slice_samples`` samples (every score is per sample, so
+    this is exact): the score functions' temporaries (softmax, log-softmax, divergences: several
+    times their input) then scale with the slice, not with the block read from the store.
+    """
     from pipeline.scores import compute_block
 
     check_block(x.shape, epochs=epochs, num_classes=num_classes, num_labels=y.size)
-    finite = np.isfinite(x).all(axis=2)  # (T, n)
+    labels = y.reshape(-1)
+    n = x.shape[1]
     holder = np.empty((1, 1, 1), dtype=object)
-    if not finite.all():
-        bad_per_epoch = (~finite).sum(axis=1).astype(np.int64)  # (T,)
-        bad_samples = int((~finite).any(axis=0).sum())
-        holder[0, 0, 0] = {_NONFINITE: (bad_per_epoch, bad_samples)}
-        return holder
     if device != "cpu":
         check_device(device)  # on the worker: a cluster's workers may lack the GPU
-    outputs = compute_block(x, y.reshape(-1), resolved, device=device)
-    result = {}
-    for name, values in outputs.items():
-        values = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
-        if values.shape != (x.shape[1],):
-            raise AssertionError(f"compute_block output {name!r} has shape {values.shape}, "
-                                 f"expected ({x.shape[1]},)")
-        result[name] = values
-    holder[0, 0, 0] = result
+    bad_per_epoch = np.zeros(epochs, dtype=np.int64)  # (T,) samples with NaN/inf, per epoch
+    bad_samples = 0
+    pieces: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, slice_samples):
+        part = np.ascontiguousarray(x[:, start:start + slice_samples])  # (T, k, C)
+        finite = np.isfinite(part).all(axis=2)  # (T, k)
+        if not finite.all():
+            bad_per_epoch += (~finite).sum(axis=1)
+            bad_samples += int((~finite).any(axis=0).sum())
+        if bad_samples:
+            continue  # this block is reported, not scored; keep counting
+        outputs = compute_block(part, labels[start:start + slice_samples], resolved, device=device)
+        for name, values in outputs.items():
+            values = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+            if values.shape != (part.shape[1],):
+                raise AssertionError(f"compute_block output {name!r} has shape {values.shape}, "
+                                     f"expected ({part.shape[1]},)")
+            pieces.setdefault(name, []).append(values)
+    if bad_samples:
+        holder[0, 0, 0] = {_NONFINITE: (bad_per_epoch, bad_samples)}
+    else:
+        holder[0, 0, 0] = {name: np.concatenate(parts) for name, parts in pieces.items()}
     return holder
 
 
@@ -229,7 +249,8 @@ def _method_needing(resolved: dict, needed: int) -> str:
     return ", ".join(names) or ", ".join(resolved)
 
 
-def _build_graph(store: LogitStore, resolved: dict, *, epochs: int, block: int, device: str):
+def _build_graph(store: LogitStore, resolved: dict, *, epochs: int, block: int, device: str,
+                 slice_samples: int):
     """The lazy per-block tasks (dask delayed objects, in block order)."""
     import dask.array as da
 
@@ -239,23 +260,36 @@ def _build_graph(store: LogitStore, resolved: dict, *, epochs: int, block: int, 
     y = da.from_array(store.labels.reshape(1, n, 1), chunks=(1, block, 1))
     out = da.map_blocks(
         _block_task, x, y, dtype=object, chunks=(1, 1, 1), meta=np.empty((0, 0, 0), dtype=object),
-        resolved=resolved, device=device, epochs=epochs, num_classes=c,
+        resolved=resolved, device=device, epochs=epochs, num_classes=c, slice_samples=slice_samples,
         name="tddyun-score-block",
     )
     return list(out.to_delayed(optimize_graph=True).ravel())
 
 
-def _run_threads(tasks: list, *, workers: int, progress: bool) -> list:
-    import contextlib
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Limit torch's intra-op threads while ``workers`` dask threads each run torch code, so the
+    two levels of parallelism do not oversubscribe the cores; restored afterwards."""
+    import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_threads(tasks: list, *, workers: int, progress: bool, device: str) -> list:
     import dask
 
-    bar = contextlib.nullcontext()
+    bar: contextlib.AbstractContextManager = contextlib.nullcontext()
     if progress:
         from dask.diagnostics import ProgressBar
 
         bar = ProgressBar(out=sys.stderr)
-    with bar:
+    threads = _torch_threads(usable_cores() // workers) if device == "cpu" else contextlib.nullcontext()
+    with bar, threads:
         return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
 
 
@@ -286,6 +320,7 @@ def score_store(
     progress: bool = False,
     seed: int = 0,
     workers: int | None = None,
+    slice_mb: float = SLICE_MB,
 ) -> ScoreResult:
     """Every score in ``resolved`` (from ``pipeline.scores.resolve_methods``) for all N samples.
 
@@ -296,7 +331,8 @@ def score_store(
     more worth keeping).
 
     client: a ``dask.distributed.Client`` to run on (default: threads, ``workers`` of them,
-    default the usable cores). device: where the score functions run (cpu | cuda | cuda:K).
+    default the usable cores). slice_mb: each task scores its block in slices of about this
+    many MiB of logits (exact; it bounds the score functions' temporaries). device: where the score functions run (cpu | cuda | cuda:K).
     Errors: too few complete epochs (names the store, the number needed and the method), NaN or
     inf logits in the epochs used (names the store, the first such epoch and the sample count).
     """
@@ -318,13 +354,15 @@ def score_store(
     logits = store.logits_array()
     chunk = int(logits.chunks[1])
     block = choose_block(block_mb, epochs=needed, num_classes=c, chunk=chunk, num_samples=n)
-    tasks = _build_graph(store, resolved, epochs=needed, block=block, device=device)
+    slice_samples = max(1, int(min(slice_mb, block_mb) * 2**20 // (needed * c * 4)))
+    tasks = _build_graph(store, resolved, epochs=needed, block=block, device=device,
+                         slice_samples=slice_samples)
 
     start = time.perf_counter()
     if client is None:
         workers = workers or usable_cores()
         scheduler = f"threads({workers})"
-        parts = _run_threads(tasks, workers=workers, progress=progress)
+        parts = _run_threads(tasks, workers=workers, progress=progress, device=device)
     else:
         scheduler = f"distributed({client.scheduler.address})"
         parts = _run_client(tasks, client=client, progress=progress)

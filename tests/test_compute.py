@@ -53,10 +53,12 @@ def test_blocked_equals_whole_workers_and_progress(make_store, capsys):
     t = scores.epochs_needed(resolved)
     one = compute.score_store(store, resolved, block_mb=_mb(48, t, 4), workers=1)
     two = compute.score_store(store, resolved, block_mb=_mb(16, t, 4), workers=2, progress=True)
+    sliced = compute.score_store(store, resolved, block_mb=_mb(48, t, 4), slice_mb=_mb(7, t, 4))
     whole = scores.score_arrays(logits, labels, methods, prune_rate=0.3)  # auto T from E = 8
     for name in whole:
         np.testing.assert_allclose(one.arrays[name], whole[name], rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(two.arrays[name], whole[name], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(sliced.arrays[name], whole[name], rtol=2e-5, atol=1e-6)
     assert "100%" in capsys.readouterr().err  # dask's ProgressBar
 
 
@@ -102,7 +104,7 @@ def test_block_task_refuses_a_split_block():
     x = np.zeros((4, 10, 5), dtype=np.float32)  # half the epochs
     with pytest.raises(AssertionError, match="split"):
         compute._block_task(x, np.zeros((1, 10, 1), dtype=np.int32), resolved=resolved, device="cpu",
-                            epochs=8, num_classes=5)
+                            epochs=8, num_classes=5, slice_samples=4)
 
 
 def test_split_check_fires_inside_score_store(make_store, monkeypatch):
