@@ -536,8 +536,9 @@ def figure_data_map(folder: Path, inputs: RunInputs, confidence: np.ndarray, var
     ax.set_ylim(-0.02, 1.02)
     for text, (px, py) in (("easy to learn", (0.02, 0.97)), ("hard to learn", (0.02, 0.03)),
                            ("ambiguous", (0.70, 0.55))):
-        ax.text(px, py, text, transform=ax.transAxes, color="#555555", fontsize=9, style="italic",
-                va="top" if py > 0.5 else "bottom")
+        ax.text(px, py, text, transform=ax.transAxes, color="#444444", fontsize=9, style="italic",
+                va="top" if py > 0.5 else "bottom", zorder=5,
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.75, "linewidth": 0})
     title = f"Data map: {n:,} training samples, {store.epochs_complete} epochs ({store.attrs.get('view')} view)"
     if sampled:
         title += f"\nrandom sample of {max_points:,} of {candidates.size:,} points drawn (seed {seed})"
