@@ -70,6 +70,7 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = 0.0  # linear warm-up, in epochs (fractions allowed)
     seed: int = 0
+    test_every: int = 1  # epochs between test-set passes; 0 = the last epoch only (sweeps)
     record: Literal["train", "eval", "none"] = "train"  # which logits go to the store
     record_loss: bool = False  # also store the per-sample loss, (E, N)
     logits_dtype: Literal["float32", "float16"] = "float32"
@@ -332,6 +333,7 @@ def validate(config: Config) -> None:
     _check(0 <= t.label_smoothing < 1, s, "train.label_smoothing", t.label_smoothing, "a number in [0, 1)")
     _check(0 <= t.warmup_epochs <= t.epochs, s, "train.warmup_epochs", t.warmup_epochs,
            f"a number in [0, train.epochs = {t.epochs}]")
+    _check(t.test_every >= 0, s, "train.test_every", t.test_every, "an integer >= 0")
     _check(t.num_threads >= 0, s, "train.num_threads", t.num_threads, "an integer >= 0")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), s,
            "train.device", t.device, "auto, cpu, cuda or cuda:K")

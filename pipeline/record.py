@@ -22,7 +22,7 @@ from .train import FitResult, fit, seed_everything
 __all__ = ["StoreSink", "record_training", "run_identity"]
 
 # train.* keys that do not change the logits, so a resumed run may differ in them
-_NOT_IDENTITY = {"device", "num_threads"}
+_NOT_IDENTITY = {"device", "num_threads", "test_every"}
 
 
 def run_identity(cfg: Config) -> dict[str, Any]:

@@ -36,7 +36,7 @@ TABLE_COLUMNS = ("method", "prune_rate", "mean", "std", "n")
 def _cell_key(cfg: Config, *, method: str, params: dict, rate: float, seed: int, fingerprint: str) -> str:
     score = {k: v for k, v in asdict(cfg.score).items() if k not in ("methods", "select_by", "prune_rate",
                                                                       "keep_fraction", "device", "block_mb")}
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("device", "num_threads", "record",
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in ("device", "num_threads", "test_every", "record",
                                                                       "record_loss", "logits_dtype")}
     identity = {"method": method, "params": params, "rate": rate, "seed": seed, "score": score,
                 "retrain": asdict(cfg.retrain), "train": train, "model": asdict(cfg.model),

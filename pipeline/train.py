@@ -263,7 +263,8 @@ def fit(
         train_seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "loss": train_loss, "train_accuracy": correct.item() / n,
                   "lr": optimizer.param_groups[0]["lr"]}
-        if test is not None:
+        last = epoch == epochs - 1
+        if test is not None and (last or (cfg.test_every and (epoch + 1) % cfg.test_every == 0)):
             record["test_accuracy"], record["test_loss"] = evaluate(model, test, device, channels_last=channels_last)
         record["train_seconds"] = train_seconds
         record["epoch_seconds"] = time.perf_counter() - t0
@@ -279,7 +280,7 @@ def fit(
             sink.end_epoch(epoch, epoch_logits, epoch_loss, after=save)
         else:
             save()
-        test_text = f" test_acc {record['test_accuracy']:.4f}" if test is not None else ""
+        test_text = f" test_acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
         log(f"epoch {epoch + 1}/{epochs} loss {train_loss:.4f} train_acc {record['train_accuracy']:.4f}"
             f"{test_text} {record['epoch_seconds']:.1f}s")
     return FitResult(model=model, history=history, seconds=time.perf_counter() - started, start_epoch=start_epoch)
