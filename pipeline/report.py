@@ -453,15 +453,24 @@ def _new_figure(figsize: tuple[float, float]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
+    fig = Figure(figsize=tuple(_whole_pixels(x) for x in figsize), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
+def _whole_pixels(inches: float) -> float:
+    """``inches`` snapped to a whole number of pixels at DPI, so that Agg (which truncates
+    ``inches * dpi`` to an int) draws exactly ``round(inches * DPI)`` pixels."""
+    px = round(inches * DPI)
+    snapped = px / DPI
+    while int(snapped * DPI) < px:  # 0.29 * 100 = 28.999...: step up to the next float
+        snapped = math.nextafter(snapped, math.inf)
+    return snapped
+
+
 def _save(fig, folder: Path, name: str, title: str, caption: str) -> FigureInfo:
-    w, h = fig.get_size_inches()
     fig.savefig(folder / name, dpi=DPI, format="png")
-    size = (int(round(w * DPI)), int(round(h * DPI)))
+    size = (int(fig.bbox.width), int(fig.bbox.height))  # what Agg drew: figsize * DPI
     return FigureInfo(file=name, title=title, caption=caption, size_px=size)
 
 
@@ -753,10 +762,14 @@ def figure_image_grid(folder: Path, inputs: RunInputs, x: np.ndarray, class_name
     rows = min(c, GRID_MAX_CLASSES)
     cols = GRID_PER_CLASS
     _, ch, h, w = x.shape
-    gap_x, gap_y = max(1, w // 8), max(2, h // 2)  # gap_y leaves room for the score text
+    cell_in = 1.0 if h >= 16 else 0.8  # inches per image column
+    gap_x = max(1, w // 8)
+    px_per_unit = cell_in * DPI / (w + gap_x)  # display pixels per image pixel
+    gap_y = max(2, math.ceil(15 / px_per_unit))  # room for one line of 7 pt text under each image
     canvas = np.ones((rows * (h + gap_y), cols * (w + gap_x), 3), dtype=np.float32)
-    cell_in = 1.0 if h >= 16 else 0.8
-    fig = _new_figure((cols * cell_in + 1.6, rows * cell_in * (h + gap_y) / h * 0.85 + 0.8))
+    grid_w_in = cols * cell_in
+    grid_h_in = grid_w_in * canvas.shape[0] / canvas.shape[1]
+    fig = _new_figure((grid_w_in + 1.6, grid_h_in + 0.9))  # + class labels, + title
     ax = fig.add_subplot()
     texts = []
     for r in range(rows):
@@ -775,6 +788,7 @@ def figure_image_grid(folder: Path, inputs: RunInputs, x: np.ndarray, class_name
         ax.text(tx, ty, label, ha="center", va="top", fontsize=7, color=colour)
     ax.set_xticks([])
     ax.set_yticks([r * (h + gap_y) + h / 2 for r in range(rows)], class_names[:rows], fontsize=8)
+    ax.set_ylabel("class")
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)

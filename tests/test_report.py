@@ -388,6 +388,21 @@ def test_image_data_of_another_data_set_is_an_error(tmp_path):
         build_report(other)
 
 
+def test_image_grid_rgb_and_many_classes(tmp_path):
+    """3-channel images (as CIFAR) and more classes than the grid shows (rows capped, caption says so)."""
+    from pipeline import report as R
+
+    config = make_run(tmp_path, n=250, classes=25, epochs=3, metrics=False, histories=False, sweep=False)
+    inputs = R.load_inputs(config)
+    x = np.random.default_rng(0).integers(0, 256, (250, 3, 32, 32), dtype=np.uint8)
+    names = [f"class {c}" for c in range(25)]
+    info = R.figure_image_grid(tmp_path, inputs, x, names, highest=False)
+    with Image.open(tmp_path / info.file) as image:
+        assert image.size == info.size_px
+        assert info.size_px[1] > info.size_px[0]  # 20 rows of 8
+    assert f"Showing the first {R.GRID_MAX_CLASSES} of 25 classes" in info.caption
+
+
 def test_pick_orders_by_score_then_id():
     from pipeline.report import _pick
 
