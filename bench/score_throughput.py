@@ -76,23 +76,20 @@ def disk_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # (a) read only, (b) score_store
 # ---------------------------------------------------------------------------------------------
-def _touch(x: np.ndarray) -> np.ndarray:
+def _touch(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     out = np.empty((1, 1, 1), dtype=object)
     out[0, 0, 0] = float(x.sum(dtype=np.float64))
     return out
 
 
 def read_only(store, *, epochs: int, block: int, workers: int) -> float:
-    """Seconds to read the first ``epochs`` epochs once, blocks (T, block, C), nothing computed."""
+    """Seconds to read the first ``epochs`` epochs once, in the same (T, block, C) tasks as
+    stage two (``pipeline.compute.block_tasks``), each only summing its block."""
     import dask
-    import dask.array as da
 
-    from pipeline.compute import check_unsplit
+    from pipeline.compute import block_tasks
 
-    x = store.to_dask(block=block, epochs=epochs)
-    check_unsplit(x.chunks, epochs=epochs, num_classes=store.num_classes)
-    out = da.map_blocks(_touch, x, dtype=object, chunks=(1, 1, 1), meta=np.empty((0, 0, 0), dtype=object))
-    tasks = list(out.to_delayed(optimize_graph=True).ravel())
+    tasks = block_tasks(store, _touch, epochs=epochs, block=block, token="bench-read")
     start = time.perf_counter()
     dask.compute(*tasks, scheduler="threads", num_workers=workers)
     return time.perf_counter() - start

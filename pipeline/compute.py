@@ -52,7 +52,7 @@ DATA_KEYS_IGNORED = ("root", "download")
 # Each task scores its block in slices of about this many MiB of float32 logits: the score
 # functions' temporaries are several times their input, so they scale with the slice while the
 # read (one decompression of each chunk) stays a whole, chunk-aligned block.
-SLICE_MB = 16.0
+SLICE_MB = 8.0
 
 _NONFINITE = "__nonfinite__"  # a block task's report of NaN/inf logits, instead of its scores
 
@@ -193,7 +193,7 @@ def check_data_config(store: LogitStore, data: Mapping[str, Any], *, source: str
 # ---------------------------------------------------------------------------------------------
 # The block task
 # ---------------------------------------------------------------------------------------------
-def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, epochs: int,
+def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, task_epochs: int,
                 num_classes: int, slice_samples: int) -> np.ndarray:
     """One task: x (T, n, C) logits of a block, y (1, n, 1) labels → a (1, 1, 1) object array
     holding ``{output: (n,)}``, or a NaN/inf report ``{_NONFINITE: (per-epoch counts (T,), n_bad)}``.
@@ -204,6 +204,7 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ep
     """
     from pipeline.scores import compute_block
 
+    epochs = task_epochs
     check_block(x.shape, epochs=epochs, num_classes=num_classes, num_labels=y.size)
     labels = y.reshape(-1)
     n = x.shape[1]
@@ -232,7 +233,31 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ep
         holder[0, 0, 0] = {_NONFINITE: (bad_per_epoch, bad_samples)}
     else:
         holder[0, 0, 0] = {name: np.concatenate(parts) for name, parts in pieces.items()}
+    del part, x
+    _release_free_memory()
     return holder
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) after a block.
+
+    The slices' temporaries (a few MiB each) live on the malloc heap, and glibc keeps freed heap
+    pages, so without this the resident size creeps up by hundreds of MiB above what is live.
+    A no-op where glibc is absent.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _method_needing(resolved: dict, needed: int) -> str:
@@ -249,21 +274,44 @@ def _method_needing(resolved: dict, needed: int) -> str:
     return ", ".join(names) or ", ".join(resolved)
 
 
-def _build_graph(store: LogitStore, resolved: dict, *, epochs: int, block: int, device: str,
-                 slice_samples: int):
-    """The lazy per-block tasks (dask delayed objects, in block order)."""
+def logit_blocks(store: LogitStore, *, epochs: int, block: int):
+    """The store's logits as a dask array read with ``from_zarr(..., chunks=(T, block, C))``.
+
+    The array spans all planned epochs, (E_planned, N, C); its *first epoch-chunk* is exactly the
+    T epochs stage two reads, and only tasks of that chunk row are ever computed (see
+    ``block_tasks``). Not slicing ``[:T]`` keeps the zarr read and the task that consumes it in one
+    fused task, so a block is read by the task that scores it: no read runs ahead of the
+    scoring, and memory stays at workers × block (a separate read task lets the threaded
+    scheduler load blocks far ahead of the scoring: memory then grows with N).
+    """
+    import dask.array as da
+
+    return da.from_zarr(store.logits_array(), chunks=(epochs, block, store.num_classes))
+
+
+def block_tasks(store: LogitStore, func, *, epochs: int, block: int, token: str, **kwargs: Any) -> list:
+    """One dask task per block of samples: ``func(x (T, n, C), y (1, n, 1), **kwargs)`` → a (1, 1, 1)
+    object array. Returns the delayed tasks in block order (dataset order)."""
     import dask.array as da
 
     n, c = store.num_samples, store.num_classes
-    x = store.to_dask(block=block, epochs=epochs)  # (T, N, C), chunks (T, block, C)
-    check_unsplit(x.chunks, epochs=epochs, num_classes=c)
-    y = da.from_array(store.labels.reshape(1, n, 1), chunks=(1, block, 1))
+    x = logit_blocks(store, epochs=epochs, block=block)
+    # what each task gets: the first epoch-chunk (the T epochs), every sample block, every class
+    check_unsplit((tuple(x.chunks[0][:1]), x.chunks[1], x.chunks[2]), epochs=epochs, num_classes=c)
+    y = da.from_array(store.labels.reshape(1, n, 1), chunks=(1, block, 1))  # broadcast over epochs
     out = da.map_blocks(
-        _block_task, x, y, dtype=object, chunks=(1, 1, 1), meta=np.empty((0, 0, 0), dtype=object),
-        resolved=resolved, device=device, epochs=epochs, num_classes=c, slice_samples=slice_samples,
-        name="tddyun-score-block",
-    )
-    return list(out.to_delayed(optimize_graph=True).ravel())
+        func, x, y, dtype=object, chunks=(1, 1, 1), meta=np.empty((0, 0, 0), dtype=object),
+        token=token, **kwargs,
+    )  # (epoch-chunks, blocks, 1) object
+    return list(out.to_delayed(optimize_graph=True)[0, :, 0])  # row 0: epochs 0..T-1
+
+
+def _build_graph(store: LogitStore, resolved: dict, *, epochs: int, block: int, device: str,
+                 slice_samples: int):
+    """The lazy per-block tasks (dask delayed objects, in block order)."""
+    return block_tasks(store, _block_task, epochs=epochs, block=block, token="tddyun-score-block",
+                       resolved=resolved, device=device, task_epochs=epochs, num_classes=store.num_classes,
+                       slice_samples=slice_samples)
 
 
 @contextlib.contextmanager

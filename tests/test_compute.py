@@ -104,21 +104,32 @@ def test_block_task_refuses_a_split_block():
     x = np.zeros((4, 10, 5), dtype=np.float32)  # half the epochs
     with pytest.raises(AssertionError, match="split"):
         compute._block_task(x, np.zeros((1, 10, 1), dtype=np.int32), resolved=resolved, device="cpu",
-                            epochs=8, num_classes=5, slice_samples=4)
+                            task_epochs=8, num_classes=5, slice_samples=4)
 
 
 def test_split_check_fires_inside_score_store(make_store, monkeypatch):
-    """A to_dask that splits the epoch axis is caught before any score is computed."""
+    """A reader that splits the epoch or class axis is caught before any score is computed."""
     path, *_ = make_store(n=64, classes=3, epochs=6, chunk=16)
     store = open_logits(path)
     import dask.array as da
 
-    def bad_to_dask(self, *, block, epochs=None):
-        return da.from_zarr(self.logits_array(), chunks=(1, block, self.num_classes))[:epochs]
+    for chunks, match in (((1, 16, 3), "epoch axis is split"), ((6, 16, 2), "class axis is split")):
+        monkeypatch.setattr(compute, "logit_blocks", lambda store, *, epochs, block, chunks=chunks:
+                            da.from_zarr(store.logits_array(), chunks=chunks))
+        with pytest.raises(AssertionError, match=match):
+            compute.score_store(store, _resolve({"el2n": {}}, 6), block_mb=1.0)
 
-    monkeypatch.setattr(type(store), "to_dask", bad_to_dask)
-    with pytest.raises(AssertionError, match="epoch axis is split"):
-        compute.score_store(store, _resolve({"el2n": {}}, 6), block_mb=1.0)
+
+def test_read_is_fused_into_the_scoring_task(make_store):
+    """One task per block reads and scores it: no separate read task that could run ahead."""
+    path, *_ = make_store(n=100, classes=3, epochs=6, chunk=16)
+    store = open_logits(path)
+    tasks = compute._build_graph(store, _resolve({"el2n": {}}, 6), epochs=6, block=32, device="cpu",
+                                 slice_samples=8)
+    assert len(tasks) == 4
+    graph = dict(tasks[0].__dask_graph__())
+    names = {key[0] if isinstance(key, tuple) else key for key in graph}
+    assert not any("getitem" in name or name.startswith("from-zarr") for name in names), names
 
 
 # ---------------------------------------------------------------------------------------------
