@@ -205,6 +205,7 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     from pipeline.scores import compute_block
 
     epochs = task_epochs
+    _tune_malloc()
     check_block(x.shape, epochs=epochs, num_classes=num_classes, num_labels=y.size)
     labels = y.reshape(-1)
     n = x.shape[1]
@@ -238,26 +239,48 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     return holder
 
 
-def _release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) after a block.
+_LIBC: Any = None  # glibc via ctypes, False where absent; loaded once per process
 
-    The slices' temporaries (a few MiB each) live on the malloc heap, and glibc keeps freed heap
-    pages, so without this the resident size creeps up by hundreds of MiB above what is live.
-    A no-op where glibc is absent.
-    """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
+
+def _glibc() -> Any:
+    global _LIBC
+    if _LIBC is None:
         try:
             import ctypes
 
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+            libc = ctypes.CDLL("libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC
 
 
-_MALLOC_TRIM = None
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 16 * 2**20
+_malloc_tuned = False
+
+
+def _tune_malloc() -> None:
+    """Once per process (glibc only): serve allocations above 16 MiB by mmap, returned to the OS
+    at once. glibc's default threshold floats up to 32 MiB as large buffers are freed, after
+    which the slices' temporaries and zarr's chunk buffers pile up in per-thread heaps; on the
+    bench store (E=50, C=100) this cut peak RSS by 300-500 MiB at no measurable cost in time
+    (a 4 MiB threshold cut more but doubled the time). Process-wide, and meant for a process
+    whose work is stage two (the CLI, a dask worker)."""
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    libc = _glibc()
+    if libc:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) after each block."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def _method_needing(resolved: dict, needed: int) -> str:

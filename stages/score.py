@@ -24,7 +24,7 @@ from stages.common import config_from_cli, params_options, user_errors
 def dask_client(workers: int | None, scheduler: str | None, scheduler_file: str | None) -> Iterator[Any]:
     """None (threads), a LocalCluster of ``workers`` processes, or a client of an existing cluster."""
     given = [name for name, value in (("--workers", workers), ("--scheduler", scheduler),
-                                      ("--scheduler-file", scheduler_file)) if value]
+                                      ("--scheduler-file", scheduler_file)) if value is not None]
     if len(given) > 1:
         raise click.UsageError(f"{' and '.join(given)}: expected at most one of them")
     if not given:
@@ -32,7 +32,7 @@ def dask_client(workers: int | None, scheduler: str | None, scheduler_file: str 
         return
     from distributed import Client, LocalCluster
 
-    if workers:
+    if workers is not None:
         if workers < 1:
             raise click.UsageError(f"--workers = {workers}: expected an integer >= 1")
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",

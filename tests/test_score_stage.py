@@ -202,6 +202,8 @@ def test_scheduler_options_are_exclusive(setup, tmp_path):
     params, *_ = setup
     result = CliRunner().invoke(score, ["--params", str(params), "--workers", "1", "--scheduler", "tcp://x:1"])
     assert result.exit_code == 2 and "at most one" in result.output
+    result = CliRunner().invoke(score, ["--params", str(params), "--workers", "0"])
+    assert result.exit_code == 2 and "--workers = 0" in result.output
 
 
 # ---------------------------------------------------------------------------------------------
