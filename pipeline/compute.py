@@ -202,6 +202,8 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     this is exact): the score functions' temporaries (softmax, log-softmax, divergences: several
     times their input) then scale with the slice, not with the block read from the store.
     """
+    import torch
+
     from pipeline.scores import compute_block
 
     epochs = task_epochs
@@ -215,14 +217,20 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     bad_per_epoch = np.zeros(epochs, dtype=np.int64)  # (T,) samples with NaN/inf, per epoch
     bad_samples = 0
     pieces: dict[str, list[np.ndarray]] = {}
+    block = torch.from_numpy(np.ascontiguousarray(x))  # the store's dtype (float32 or float16)
     for start in range(0, n, slice_samples):
-        part = np.ascontiguousarray(x[:, start:start + slice_samples])  # (T, k, C)
-        finite = np.isfinite(part).all(axis=2)  # (T, k)
-        if not finite.all():
-            bad_per_epoch += (~finite).sum(axis=1)
-            bad_samples += int((~finite).any(axis=0).sum())
+        part = block[:, start:start + slice_samples]  # (T, k, C), a view
+        # NaN/inf check: a row of a sample-epoch sums to NaN/inf if it holds any (a fast fused
+        # reduction); only then (or on an overflowing sum) the exact per-element check
+        if not bool(torch.isfinite(part.sum(dim=2)).all()):
+            finite = torch.isfinite(part).all(dim=2).numpy()  # (T, k)
+            if not finite.all():
+                bad_per_epoch += (~finite).sum(axis=1)
+                bad_samples += int((~finite).any(axis=0).sum())
         if bad_samples:
             continue  # this block is reported, not scored; keep counting
+        # the strided view: compute_block makes the contiguous float32 copy (its own, which it
+        # may then use as scratch space)
         outputs = compute_block(part, labels[start:start + slice_samples], resolved, device=device)
         for name, values in outputs.items():
             values = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
@@ -234,7 +242,7 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
         holder[0, 0, 0] = {_NONFINITE: (bad_per_epoch, bad_samples)}
     else:
         holder[0, 0, 0] = {name: np.concatenate(parts) for name, parts in pieces.items()}
-    del part, x
+    del part, block, x
     _release_free_memory()
     return holder
 
@@ -255,8 +263,10 @@ def _glibc() -> Any:
     return _LIBC
 
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 16 * 2**20
+_TRIM_THRESHOLD_BYTES = 256 * 2**20
 _malloc_tuned = False
 
 
@@ -265,8 +275,12 @@ def _tune_malloc() -> None:
     at once. glibc's default threshold floats up to 32 MiB as large buffers are freed, after
     which the slices' temporaries and zarr's chunk buffers pile up in per-thread heaps; on the
     bench store (E=50, C=100) this cut peak RSS by 300-500 MiB at no measurable cost in time
-    (a 4 MiB threshold cut more but doubled the time). Process-wide, and meant for a process
-    whose work is stage two (the CLI, a dask worker)."""
+    (a 4 MiB threshold cut more but doubled the time). Fixing the mmap threshold also fixes
+    the trim threshold at glibc's 128 KiB, so every freed slice temporary at the top of a heap
+    went back to the OS and the next one page-faulted its pages in again (up to ~200k minor
+    faults per 200 MiB block, doubling the scoring time); the trim threshold is therefore set
+    to 256 MiB, and ``_release_free_memory`` trims explicitly after each block instead.
+    Process-wide, and meant for a process whose work is stage two (the CLI, a dask worker)."""
     global _malloc_tuned
     if _malloc_tuned:
         return
@@ -274,6 +288,7 @@ def _tune_malloc() -> None:
     libc = _glibc()
     if libc:
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
 
 
 def _release_free_memory() -> None:

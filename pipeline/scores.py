@@ -100,6 +100,17 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _window_std_mean(g: torch.Tensor, J: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample std (ddof=1) and mean of g (T, n) over the windows ``k..k+J-1``, k = 0..W-1:
+    two (W, n) tensors. Two passes (mean, then the squared deviations) on the unfolded view:
+    ``Tensor.std`` over a short strided last axis is some 25x slower; the two-pass sum agrees
+    with it to float32 rounding."""
+    win = g.unfold(0, J, 1)[:W]  # (W, n, J), a view
+    m = win.mean(dim=-1)  # (W, n)
+    dev = win - m[..., None]  # (W, n, J)
+    return dev.mul_(dev).sum(dim=-1).div_(J - 1).sqrt_(), m
+
+
 def dyun(gold_prob: torch.Tensor, *, window: int, include_last: bool = False) -> torch.Tensor:
     """Dynamic Uncertainty (He et al.). ``gold_prob`` g: (T, n) -> (n,), higher = keep (uncertain).
 
@@ -117,8 +128,8 @@ def dyun(gold_prob: torch.Tensor, *, window: int, include_last: bool = False) ->
             f"dyun.window = {window}: W = {W} < 1 windows for trajectory T = {T} and window "
             f"J = {window} (include_last = {include_last})"
         )
-    win = g.unfold(0, window, 1)[:W]  # (W, n, J)
-    return win.std(dim=-1, correction=1).mean(dim=0)  # (n,)
+    U, _ = _window_std_mean(g, window, W)  # (W, n)
+    return U.mean(dim=0)  # (n,)
 
 
 def wdu(
@@ -139,13 +150,35 @@ def wdu(
     if J < 2:
         raise _error("wdu.window", window, "an integer >= 2")
     W = T - J + 1
-    win = g.unfold(0, J, 1)  # (W, n, J)
-    U = win.std(dim=-1, correction=1)  # (W, n)
-    m = win.mean(dim=-1)  # (W, n)
+    U, m = _window_std_mean(g, J, W)  # (W, n) each
     exponents = torch.arange(W - 1, -1, -1, dtype=torch.float64)  # W-1-k
     omega = (float(recency) ** exponents).to(device=g.device, dtype=g.dtype)  # (W,)
     hard = (1.0 - m).clamp_min(0.0) ** float(difficulty)  # (W, n); 0**0 = 1
     return (omega[:, None] * U * hard).sum(dim=0) / omega.sum()
+
+
+def _divergence_terms(prob: torch.Tensor, eps: float) -> torch.Tensor:
+    """``P[t+1] * (log(P[t+1]+eps) - log(P[t]+eps))``: P (T, n, C) -> a new (T-1, n, C) tensor.
+
+    Two temporaries of the input's size, the rest in place: log(P+eps) once, its epoch-to-epoch
+    difference, then multiplied by P[t+1] in place (bit-identical to the out-of-place formula).
+    """
+    logp = prob + eps
+    logp.log_()  # (T, n, C): log(P + eps)
+    term = logp[1:] - logp[:-1]  # (T-1, n, C)
+    del logp
+    return term.mul_(prob[1:])
+
+
+def _divergence_sums(term: torch.Tensor, kinds) -> dict[str, torch.Tensor]:
+    """The depth-one series of every divergence in ``kinds`` from one ``_divergence_terms``:
+    ``kl`` sums the terms over C, ``abs_kl`` their absolute values (taken in place, after ``kl``)."""
+    out = {}
+    if "kl" in kinds:
+        out["kl"] = term.sum(dim=-1)
+    if "abs_kl" in kinds:
+        out["abs_kl"] = term.abs_().sum(dim=-1)
+    return out
 
 
 def divergence_series(prob: torch.Tensor, *, divergence: str = "abs_kl", eps: float = EPS) -> torch.Tensor:
@@ -156,12 +189,7 @@ def divergence_series(prob: torch.Tensor, *, divergence: str = "abs_kl", eps: fl
     """
     if divergence not in DIVERGENCES:
         raise _error("tdds.divergence", divergence, f"one of {', '.join(DIVERGENCES)}")
-    p = _wide(prob)
-    logp = torch.log(p + eps)  # (T, n, C)
-    term = p[1:] * (logp[1:] - logp[:-1])  # (T-1, n, C)
-    if divergence == "abs_kl":
-        term = term.abs()
-    return term.sum(dim=-1)  # (T-1, n)
+    return _divergence_sums(_divergence_terms(_wide(prob), eps), (divergence,))[divergence]
 
 
 def tdds(
@@ -181,8 +209,12 @@ def tdds(
     (the last window weighs ``decay``). Requires ``3 <= window <= T`` and ``0 < decay <= 1``.
     """
     p = _wide(prob)
-    T = p.shape[0]
-    K = window
+    _check_tdds(p.shape[0], window, decay, spread)  # before the (T, n, C) work
+    return _depth_two(divergence_series(p, divergence=divergence, eps=eps), window=window, decay=decay,
+                      spread=spread)
+
+
+def _check_tdds(T: int, K: int, decay: float, spread: str) -> None:
     if K < 3 or K > T:
         raise ScoreParamError(
             f"tdds.window = {K}: expected an integer with 3 <= window <= T = {T} (trajectory)"
@@ -191,7 +223,13 @@ def tdds(
         raise _error("tdds.decay", decay, "a number in (0, 1]")
     if spread not in SPREADS:
         raise _error("tdds.spread", spread, f"one of {', '.join(SPREADS)}")
-    d = divergence_series(p, divergence=divergence, eps=eps)  # (T-1, n)
+
+
+def _depth_two(d: torch.Tensor, *, window: int, decay: float, spread: str) -> torch.Tensor:
+    """TDDS's depth two and EMA: the depth-one series d (T-1, n) -> (n,) (see ``tdds``)."""
+    T = d.shape[0] + 1
+    K = window
+    _check_tdds(T, K, decay, spread)
     win = d.unfold(0, K - 1, 1)  # (T-K+1, n, K-1)
     dev = win - win.mean(dim=-1, keepdim=True)
     ss = (dev * dev).sum(dim=-1)  # (T-K+1, n)
@@ -223,6 +261,20 @@ def el2n(prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     p = _wide(prob)
     onehot = torch.nn.functional.one_hot(labels.long(), p.shape[-1]).to(p.dtype)  # (n, C)
     return torch.linalg.vector_norm(p - onehot[None], dim=-1).mean(dim=0)
+
+
+def _el2n_in_place(prob: torch.Tensor, labels: torch.Tensor, gold_prob: torch.Tensor) -> torch.Tensor:
+    """``el2n`` without the (T, n, C) difference: the gold entries of ``prob`` (T, n, C) are set
+    to ``g - 1`` in place (the other entries of P - onehot are P itself), the norm taken, and
+    ``g`` written back. ``gold_prob`` must be ``prob``'s own gold entries; the norm sees the same
+    values as ``el2n``'s, so the result is the same."""
+    idx = labels[None, :, None].expand(prob.shape[0], -1, 1)  # (T, n, 1)
+    gold = gold_prob[..., None]
+    prob.scatter_(-1, idx, gold - 1.0)
+    try:
+        return torch.linalg.vector_norm(prob, dim=-1).mean(dim=0)
+    finally:
+        prob.scatter_(-1, idx, gold)  # P restored exactly
 
 
 def forgetting(correct: torch.Tensor) -> torch.Tensor:
@@ -274,8 +326,14 @@ def confidence(gold_prob: torch.Tensor) -> torch.Tensor:
 def entropy(prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     """Mean predictive entropy ``(1/T) sum_e H(P[e,n])``. P, log P (T, n, C) -> (n,), higher = keep."""
     p, lp = _wide(prob), _wide(log_prob)
-    plogp = torch.where(p > 0, p * lp, torch.zeros_like(p))  # 0 log 0 = 0
-    return -plogp.sum(dim=-1).mean(dim=0)
+    plogp = p * lp
+    total = plogp.sum(dim=-1)  # (T, n)
+    if not bool(torch.isfinite(total).all()):
+        # 0 log 0 = 0: only a -inf logit gives P = 0 with log P = -inf (0 * -inf = NaN), so the
+        # masked sum (several times slower) runs only then; elsewhere P = 0 has a finite log P
+        # and adds 0, exactly as the mask would
+        total = torch.where(p > 0, plogp, torch.zeros_like(p)).sum(dim=-1)
+    return -total.mean(dim=0)
 
 
 def loss(gold_prob: torch.Tensor, *, eps: float = EPS) -> torch.Tensor:
@@ -626,15 +684,23 @@ class BlockTensors:
     """Logits of a block, (T, n, C), and the derived tensors, each computed at most once.
 
     Every score uses a prefix ``[:T]`` of the epochs, a view of the same tensors.
+
+    ``need_prob``: whether a full softmax will be needed anyway (tdds, tsdd, el2n, entropy); if
+    not, ``gold_prob`` is ``exp`` of the gathered log-softmax and the softmax is never formed.
+    ``compute_block`` sets it from the requested methods, so which way g is computed depends
+    only on the methods, never on the order in which the scores ask for it.
     """
 
-    def __init__(self, logits: Any, labels: Any, *, device: str | torch.device = "cpu"):
+    def __init__(self, logits: Any, labels: Any, *, device: str | torch.device = "cpu",
+                 need_prob: bool = True):
         z = torch.as_tensor(logits)
         if z.ndim != 3:
             raise ValueError(f"logits: expected shape (T, n, C), found {tuple(z.shape)}")
         if not (z.is_floating_point()):
             raise ValueError(f"logits: expected a float dtype, found {z.dtype}")
-        self.logits = z.to(device=device, dtype=torch.float32)  # (T, n, C)
+        self.logits = z.to(device=device, dtype=torch.float32).contiguous()  # (T, n, C)
+        # a copy of our own (converted, moved or made contiguous) may be used as scratch space
+        self._own_logits = self.logits.data_ptr() != z.data_ptr() or self.logits.device != z.device
         y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
         if y.ndim != 1 or y.shape[0] != z.shape[1]:
             raise ValueError(f"labels: expected shape ({z.shape[1]},), found {tuple(y.shape)}")
@@ -647,6 +713,12 @@ class BlockTensors:
                 f"labels: expected values in [0, {C - 1}] (C = {C}), found "
                 f"[{int(self.labels.min())}, {int(self.labels.max())}]"
             )
+        self.need_prob = bool(need_prob)
+        self._divergences: dict[str, torch.Tensor] = {}
+        self._divergence_epochs = 0
+
+    def _gold_index(self, T: int) -> torch.Tensor:  # (T, n, 1)
+        return self.labels[None, :, None].expand(T, -1, 1)
 
     @cached_property
     def log_prob(self) -> torch.Tensor:  # (T, n, C)
@@ -658,16 +730,93 @@ class BlockTensors:
 
     @cached_property
     def gold_prob(self) -> torch.Tensor:  # (T, n)
-        idx = self.labels[None, :, None].expand(self.logits.shape[0], -1, 1)
-        return self.prob.gather(-1, idx).squeeze(-1)
-
-    @cached_property
-    def correct(self) -> torch.Tensor:  # (T, n) bool
-        return self.logits.argmax(dim=-1) == self.labels[None, :]
+        idx = self._gold_index(self.logits.shape[0])
+        if self.need_prob:
+            return self.prob.gather(-1, idx).squeeze(-1)
+        return self.log_prob.gather(-1, idx).squeeze(-1).exp_()
 
     @cached_property
     def margin(self) -> torch.Tensor:  # (T, n)
-        return _margin(self.logits, self.labels)
+        if not self._own_logits:
+            return _margin(self.logits, self.labels)  # never write to the caller's array
+        # our own copy: mask the gold entries in place and restore them (exactly, by value)
+        # instead of cloning the whole (T, n, C) block; the same values as ``_margin``
+        z = self.logits
+        idx = self._gold_index(z.shape[0])
+        gold = z.gather(-1, idx)  # (T, n, 1)
+        z.scatter_(-1, idx, -math.inf)
+        try:
+            other = z.amax(dim=-1)  # (T, n)
+        finally:
+            z.scatter_(-1, idx, gold)
+        return gold.squeeze(-1) - other
+
+    def entropy(self, T: int) -> torch.Tensor:
+        """``entropy(prob[:T], log_prob[:T])`` with the log-softmax multiplied by P in place:
+        when it is not cached already (it only serves the entropy when P is needed), it is
+        computed here and never kept, which saves one (T, n, C) temporary."""
+        if "log_prob" in self.__dict__:
+            return entropy(self.prob[:T], self.log_prob[:T])
+        p = self.prob[:T]
+        total = torch.log_softmax(self.logits[:T], dim=-1).mul_(p).sum(dim=-1)  # (T, n)
+        if not bool(torch.isfinite(total).all()):  # a -inf logit: the masked sum of ``entropy``
+            return entropy(p, torch.log_softmax(self.logits[:T], dim=-1))
+        return -total.mean(dim=0)
+
+    @cached_property
+    def correct(self) -> torch.Tensor:  # (T, n) bool
+        # argmax == y exactly, from the margin (z_y - max_{c != y} z_c), without an argmax
+        # pass: margin > 0 iff z_y is the unique maximum; margin < 0 iff another class is
+        # larger. A tie (margin 0) or NaN goes to argmax, whose first-index rule decides.
+        m = self.margin
+        correct = m > 0
+        unsure = ~(m != 0)  # margin 0 or NaN
+        if bool(unsure.any()):
+            rows = self.logits[unsure]  # (k, C)
+            gold = self.labels[None, :].expand_as(m)[unsure]
+            correct[unsure] = rows.argmax(dim=-1) == gold
+        return correct
+
+    def divergences(self, T: int, kinds) -> dict[str, torch.Tensor]:
+        """Depth-one series d (T-1, n) of each divergence in ``kinds``, from one product
+        ``P[t+1] (log(P[t+1]+eps) - log(P[t]+eps))`` per block. d[t] depends on epochs t and
+        t+1 only, so a shorter trajectory takes a prefix of the longest one. Call
+        ``plan_divergences`` first so that one pass serves every request."""
+        missing = [k for k in kinds if k not in self._divergences]
+        if missing or T > self._divergence_epochs:
+            self.plan_divergences(T, kinds)
+        return {k: self._divergences[k][:T - 1] for k in kinds}
+
+    def plan_divergences(self, T: int, kinds) -> None:
+        kinds = set(kinds) | set(self._divergences)
+        T = max(T, self._divergence_epochs)
+        term = _divergence_terms(self.prob[:T], EPS)
+        self._divergences = _divergence_sums(term, kinds)
+        self._divergence_epochs = T
+
+    def el2n(self, T: int) -> torch.Tensor:
+        return _el2n_in_place(self.prob[:T], self.labels, self.gold_prob[:T])
+
+
+_NEEDS_PROB = ("td_dyun", "tsdd", "tdds", "el2n", "entropy")
+
+
+def _divergence_plan(resolved: Mapping[str, Mapping]) -> tuple[int, set]:
+    """The longest trajectory and the divergences that tdds / tsdd / td_dyun ask for."""
+    T, kinds = 0, set()
+    for name, p in resolved.items():
+        if name in ("td_dyun", "tsdd"):
+            T, kinds = max(T, int(p["trajectory"])), kinds | {"kl"}
+        elif name == "tdds":
+            T, kinds = max(T, int(p["trajectory"])), kinds | {p["divergence"]}
+    return T, kinds
+
+
+def _tsdd_block(b: BlockTensors, T: int, window: int, decay: float) -> torch.Tensor:
+    if T < 3:
+        raise _error("tsdd.trajectory", T, "T >= 3 epochs")
+    d = b.divergences(T, ("kl",))["kl"]
+    return _depth_two(d, window=min(window, T), decay=decay, spread="std")
 
 
 def _block_outputs(name: str, p: Mapping, b: BlockTensors) -> dict[str, torch.Tensor]:
@@ -676,20 +825,23 @@ def _block_outputs(name: str, p: Mapping, b: BlockTensors) -> dict[str, torch.Te
     if name == "td_dyun":
         return {
             "wdu": wdu(b.gold_prob[:T], **p["wdu"]),
-            "tsdd": tsdd(b.prob[:T], **p["tsdd"]),
+            "tsdd": _tsdd_block(b, T, **p["tsdd"]),
         }
     if name == "wdu":
         return {"wdu": wdu(b.gold_prob[:T], window=p["window"], recency=p["recency"],
                            difficulty=p["difficulty"])}
     if name == "tsdd":
-        return {"tsdd": tsdd(b.prob[:T], window=p["window"], decay=p["decay"])}
+        return {"tsdd": _tsdd_block(b, T, window=p["window"], decay=p["decay"])}
     if name == "dyun":
         return {"dyun": dyun(b.gold_prob[:T], window=p["window"], include_last=p["include_last"])}
     if name == "tdds":
-        return {"tdds": tdds(b.prob[:T], window=p["window"], decay=p["decay"],
-                             divergence=p["divergence"], spread=p["spread"])}
+        _check_tdds(T, p["window"], p["decay"], p["spread"])
+        if p["divergence"] not in DIVERGENCES:
+            raise _error("tdds.divergence", p["divergence"], f"one of {', '.join(DIVERGENCES)}")
+        d = b.divergences(T, (p["divergence"],))[p["divergence"]]
+        return {"tdds": _depth_two(d, window=p["window"], decay=p["decay"], spread=p["spread"])}
     if name == "el2n":
-        return {"el2n": el2n(b.prob[:T], b.labels)}
+        return {"el2n": b.el2n(T)}
     if name == "forgetting":
         return {"forgetting": forgetting(b.correct[:T])}
     if name == "aum":
@@ -699,7 +851,7 @@ def _block_outputs(name: str, p: Mapping, b: BlockTensors) -> dict[str, torch.Te
     if name == "confidence":
         return {"confidence": confidence(b.gold_prob[:T])}
     if name == "entropy":
-        return {"entropy": entropy(b.prob[:T], b.log_prob[:T])}
+        return {"entropy": b.entropy(T)}
     if name == "loss":
         return {"loss": loss(b.gold_prob[:T])}
     if name == "random":
@@ -719,7 +871,8 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     Returns name -> (n,) float32 numpy. NaN/inf checks on the logits are the caller's.
     """
     need = epochs_needed(resolved)
-    block = BlockTensors(logits, labels, device=device)
+    block = BlockTensors(logits, labels, device=device,
+                         need_prob=any(name in _NEEDS_PROB for name in resolved))
     if block.logits.shape[0] < need:
         raise ValueError(
             f"logits: {block.logits.shape[0]} epochs given, but the resolved methods need "
@@ -729,6 +882,9 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
         raise ValueError(f"logits: expected C >= 2 classes, found C = {block.logits.shape[2]}")
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
+        div_epochs, div_kinds = _divergence_plan(resolved)
+        if div_kinds and 3 <= div_epochs <= block.logits.shape[0]:
+            block.plan_divergences(div_epochs, div_kinds)  # one pass for tdds and tsdd
         for name, params in resolved.items():
             for key, value in _block_outputs(name, params, block).items():
                 out[key] = value.detach().to("cpu", torch.float32).numpy()
