@@ -66,8 +66,7 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
     """Stage two on ``config``; returns the summary (also written to paths.score_summary)."""
     from pipeline.compute import check_data_config, check_labels, score_store
     from pipeline.scores import SCORES, ScoreParamError, resolve_methods
-    from pipeline.select import select
-    from pipeline.weights import importance_weights, resolve_weighting
+    from pipeline.prune import make_keep_list
     from store.artifacts import atomic_path, write_json, write_keep_csv, write_scores
     from store.logits import open_logits
 
@@ -94,15 +93,9 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
                          progress=progress, seed=sc.seed)
     arrays = result.arrays
     labels = store.labels.astype(np.int64)
-    selecting = np.asarray(arrays[sc.select_by])
-    selection = select(selecting, labels, prune_rate=prune_rate, method=sc.selection,
-                       class_balanced=sc.class_balanced, hard_prune=sc.hard_prune, bins=sc.bins,
-                       seed=sc.seed)
-    scheme = resolve_weighting(sc.weighting, select_by=sc.select_by, selection_method=sc.selection)
-    weights = importance_weights(selection, selecting, labels, scheme=scheme, gamma=sc.weight_gamma,
-                                 w_min=sc.weight_min, w_max=sc.weight_max, class_balance=sc.class_balance)
-    weights = np.asarray(weights, dtype=np.float64)
-    keep_ids = np.asarray(selection.keep_ids, dtype=np.int64)
+    keep = make_keep_list(np.asarray(arrays[sc.select_by]), labels, sc, select_by=sc.select_by,
+                          prune_rate=prune_rate)
+    keep_ids, weights, scheme = keep.ids, keep.weights, keep.weighting
 
     directions = {}
     for name in resolved:
@@ -151,7 +144,7 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
     with atomic_path(paths.scores) as scores_tmp, atomic_path(paths.keep) as keep_tmp, \
             atomic_path(paths.score_summary) as summary_tmp:
         write_scores(scores_tmp, arrays, scores_attrs)
-        write_keep_csv(keep_tmp, keep_ids, weights, np.asarray(selection.keep_scores))
+        write_keep_csv(keep_tmp, keep_ids, weights, keep.scores)
         write_json(summary_tmp, summary)
     return summary
 
