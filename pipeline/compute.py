@@ -51,8 +51,11 @@ DATA_KEYS_IGNORED = ("root", "download")
 
 # Each task scores its block in slices of about this many MiB of float32 logits: the score
 # functions' temporaries are several times their input, so they scale with the slice while the
-# read (one decompression of each chunk) stays a whole, chunk-aligned block.
-SLICE_MB = 8.0
+# read (one decompression of each chunk) stays a whole, chunk-aligned block. 4 MiB: about 7
+# slice-sized temporaries live at once (28 MiB a thread, within a shared 32 MiB L3 for two);
+# 2, 4 and 8 MiB measured the same speed within noise (E=50, C=100), 32 MiB (above the mmap
+# threshold) twice as slow.
+SLICE_MB = 4.0
 
 _NONFINITE = "__nonfinite__"  # a block task's report of NaN/inf logits, instead of its scores
 
