@@ -512,7 +512,7 @@ def figure_data_map(folder: Path, inputs: RunInputs, confidence: np.ndarray, var
 
     fig = _new_figure((8.0, 6.0))
     ax = fig.add_subplot()
-    x, y = variability[shown], confidence[shown]
+    x = variability[shown]  # for the x-axis limit
     handles = []
     if kept is not None:
         pruned_shown = shown[~kept[shown]]

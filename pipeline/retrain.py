@@ -19,7 +19,7 @@ from .models import build_model
 from .provenance import versions
 from .train import fit, seed_everything
 
-__all__ = ["KeepList", "check_keep_list", "retrain_epochs", "retrain_on", "RetrainError"]
+__all__ = ["check_keep_list", "retrain_epochs", "retrain_on", "RetrainError", "retrain_from_keep_list", "speedup"]
 
 
 class RetrainError(ValueError):

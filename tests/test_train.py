@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.config import load_config
-from pipeline.data import ArrayDataset, augment_batch, balanced_subset, load_data
+from pipeline.data import augment_batch, balanced_subset, load_data
 from pipeline.models import build_model
 from pipeline.record import record_training
 from pipeline.train import TrainingDiverged, predict_logits
