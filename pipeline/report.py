@@ -21,7 +21,6 @@ import csv
 import html
 import math
 import time
-from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -427,9 +426,10 @@ def data_map_coordinates(store, *, block_mb: float = 64.0) -> tuple[np.ndarray, 
 
 
 def n_prune_of(prune_rate: float, num_samples: int) -> int:
-    """``floor(p * N)`` on the decimal value of p, exactly: the rule of ``pipeline.select.n_keep_of``
-    (restated here because importing pipeline.select imports torch, seconds for a report)."""
-    return math.floor(Fraction(repr(float(prune_rate))) * num_samples)
+    """``floor(p * N)`` exactly: how many samples a selection at ``prune_rate`` drops."""
+    from .select import n_keep_of
+
+    return num_samples - n_keep_of(prune_rate, num_samples)
 
 
 def prune_threshold(values: np.ndarray, prune_rate: float) -> float | None:
