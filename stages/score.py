@@ -8,7 +8,6 @@ Rescoring with other parameters reads only the store: seconds, no retraining.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,21 +49,10 @@ def dask_client(workers: int | None, scheduler: str | None, scheduler_file: str 
         yield client
 
 
-def _load_expected_labels(config: Config) -> np.ndarray | None:
-    """The configured data set's training labels, when the data module can give them."""
-    try:
-        data = importlib.import_module("pipeline.data")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pipeline.data":
-            raise
-        return None
-    loader = getattr(data, "load_train_labels", None)
-    return None if loader is None else np.asarray(loader(config.data))
-
-
 def run_score(config: Config, *, client=None, progress: bool = False) -> dict[str, Any]:
     """Stage two on ``config``; returns the summary (also written to paths.score_summary)."""
     from pipeline.compute import check_data_config, check_labels, score_store
+    from pipeline.data import load_train_labels
     from pipeline.scores import SCORES, ScoreParamError, resolve_methods
     from pipeline.prune import make_keep_list
     from store.artifacts import atomic_path, write_json, write_keep_csv, write_scores
@@ -75,9 +63,7 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
     resolved_config = config_to_dict(config)
     store = open_logits(paths.store)
     check_data_config(store, resolved_config["data"], source=config.source)
-    expected = _load_expected_labels(config)
-    if expected is not None:
-        check_labels(store, expected)
+    check_labels(store, load_train_labels(config.data))
 
     prune_rate = prune_rate_of(sc)
     try:
