@@ -41,6 +41,9 @@ class DataConfig:
     root: str = ""  # data folder (cifar*, imagefolder); "" = ~/.cache/tddyun/<name>
     download: bool = False  # torchvision download for cifar10/100
     subset: int | None = None  # seeded, class-balanced subset of K training samples
+    # K samples held out of the training set (after subset), seeded and class-balanced, as the
+    # evaluation split in place of the test set: tune on it, so the test set is touched once
+    validation: int | None = None
     seed: int = 0  # seed of the subset and of the digits train/test split
     test_fraction: float = 0.25  # digits only: fraction held out as the test split
     augment: bool = True  # random crop (pad 4 px) + horizontal flip, images only
@@ -319,6 +322,10 @@ def validate(config: Config) -> None:
     s = config.source
     d, m, t, sc = config.data, config.model, config.train, config.score
     _check(d.subset is None or d.subset > 0, s, "data.subset", d.subset, "a positive integer or null")
+    _check(d.validation is None or d.validation > 0, s, "data.validation", d.validation,
+           "a positive integer or null")
+    _check(d.validation is None or d.subset is None or d.validation < d.subset, s, "data.validation",
+           d.validation, f"fewer than data.subset = {d.subset} samples")
     _check(0.0 < d.test_fraction < 1.0, s, "data.test_fraction", d.test_fraction, "a number in (0, 1)")
     for key in ("synthetic_samples", "synthetic_classes", "synthetic_features", "synthetic_test_samples"):
         value = getattr(d, key)

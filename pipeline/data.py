@@ -228,11 +228,16 @@ DATASETS: dict[str, Callable[[DataConfig], tuple[ArrayDataset, ArrayDataset]]] =
 }
 
 
-def balanced_subset(labels: np.ndarray, k: int, *, seed: int) -> np.ndarray:
-    """Ascending ids of a seeded, class-balanced subset of ``k`` samples (largest remainder quotas)."""
+def balanced_subset(labels: np.ndarray, k: int, *, seed: int, field: str = "data.subset",
+                    largest: int | None = None) -> np.ndarray:
+    """Ascending ids of a seeded, class-balanced subset of ``k`` samples (largest remainder quotas).
+
+    field/largest: the config key named by the error, and the largest k it accepts (default n)."""
     n = len(labels)
-    if not 0 < k <= n:
-        raise ValueError(f"data.subset = {k}: expected an integer in [1, {n}] (the training set has {n} samples)")
+    largest = n if largest is None else largest
+    if not 0 < k <= largest:
+        raise ValueError(f"{field} = {k}: expected an integer in [1, {largest}] "
+                         f"(the training set has {n} samples)")
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts / n * k
     quotas = np.floor(exact).astype(int)
@@ -244,14 +249,27 @@ def balanced_subset(labels: np.ndarray, k: int, *, seed: int) -> np.ndarray:
 
 
 def load_data(cfg: DataConfig) -> DataSplits:
-    """The configured data set's train and test splits (train subset applied)."""
+    """The configured data set's train and evaluation splits.
+
+    The training subset is applied first; with ``data.validation = K`` a seeded class-balanced K of
+    it are then held out and returned as ``test`` (the split every accuracy is measured on), so a
+    tuning run never evaluates on the real test set. ``info["eval_split"]`` says which it is.
+    """
     if cfg.name not in DATASETS:
         raise ValueError(f"data.name = {cfg.name!r}: unknown data set; valid names: {', '.join(DATASETS)}")
     train, test = DATASETS[cfg.name](cfg)
     if cfg.subset is not None:
         train = train.take(balanced_subset(train.y.numpy(), cfg.subset, seed=cfg.seed))
+    eval_split = "test"
+    if cfg.validation is not None:
+        # its own seed stream: changing the validation size never reshuffles the subset
+        held = balanced_subset(train.y.numpy(), cfg.validation, seed=cfg.seed + 1_000_003,
+                               field="data.validation", largest=len(train) - 1)
+        rest = np.setdiff1d(np.arange(len(train)), held)
+        train, test, eval_split = train.take(rest), train.take(held), "validation"
     info = {"name": cfg.name, "split": "train", "subset": cfg.subset, "root": cfg.root,
-            "num_train": len(train), "num_test": len(test)}
+            "num_train": len(train), "num_test": len(test), "validation": cfg.validation,
+            "eval_split": eval_split}
     return DataSplits(cfg.name, train, test, info)
 
 

@@ -123,12 +123,14 @@ def record_training(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
 
 
 def training_metrics(cfg: Config, result: FitResult, *, num_train: int) -> dict[str, Any]:
-    """The metrics JSON of a fit: final/best test accuracy, per-epoch history, seconds."""
+    """The metrics JSON of a fit: final/best test accuracy (on the validation split when
+    ``data.validation`` is set: ``evaluated_on``), per-epoch history, seconds."""
     history = result.history
     test = [h["test_accuracy"] for h in history if "test_accuracy" in h]
     return {
         "final_test_accuracy": test[-1] if test else None,
         "best_test_accuracy": max(test) if test else None,
+        "evaluated_on": "test" if cfg.data.validation is None else "validation",
         "epochs": len(history),
         "num_train": num_train,
         # the sum of per-epoch times, so a resumed run reports the time of all its epochs

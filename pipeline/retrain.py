@@ -78,7 +78,8 @@ def retrain_on(
             torch.save(result.model.state_dict(), tmp)
     test = [h["test_accuracy"] for h in result.history if "test_accuracy" in h]
     return {
-        "final_test_accuracy": test[-1],  # the one reported
+        "final_test_accuracy": test[-1],  # the one reported (on the validation split if evaluated_on says so)
+        "evaluated_on": data.info.get("eval_split", "test"),
         "best_test_accuracy": max(test),
         "kept_fraction": len(keep_ids) / n,
         "n_keep": int(len(keep_ids)),

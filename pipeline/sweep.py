@@ -27,6 +27,7 @@ from .data import load_data
 from .prune import make_keep_list
 from .retrain import retrain_on
 from .scores import resolve_methods
+from .weights import resolve_weighting
 
 __all__ = ["run_sweep", "summarise", "markdown_table"]
 
@@ -38,9 +39,11 @@ def _cell_key(cfg: Config, *, method: str, params: dict, rate: float, seed: int,
                                                                       "keep_fraction", "device", "block_mb")}
     train = {k: v for k, v in asdict(cfg.train).items() if k not in ("device", "num_threads", "test_every", "record",
                                                                       "record_loss", "logits_dtype")}
+    # data.validation absent when null: the key it had before the field existed, so cells stay valid
+    data = {k: v for k, v in asdict(cfg.data).items() if not (k == "validation" and v is None)}
     identity = {"method": method, "params": params, "rate": rate, "seed": seed, "score": score,
                 "retrain": asdict(cfg.retrain), "train": train, "model": asdict(cfg.model),
-                "data": asdict(cfg.data), "store": fingerprint}
+                "data": data, "store": fingerprint}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -72,7 +75,15 @@ def run_sweep(cfg: Config, *, methods: list[str], rates: list[float], seeds: int
         wanted = {(m, s): (_cell_path(root, m, rate, s), _cell_key(cfg, method=m, params=resolved[m], rate=rate,
                                                                    seed=s, fingerprint=store.fingerprint))
                   for m in methods for s in range(seeds)}
-        done = {ms: read_json(p) for ms, (p, key) in wanted.items() if p.is_file() and read_json(p)["key"] == key}
+        # a cell is done when its key matches and it was weighted as `weighting: auto` now resolves
+        # (the key holds the configured scheme, so a changed default of auto must rerun the cell)
+        scheme = {m: resolve_weighting(cfg.score.weighting, select_by=m, selection_method=cfg.score.selection)
+                  for m in methods}
+        done = {}
+        for (m, s), (p, key) in wanted.items():
+            cell = read_json(p) if p.is_file() else None
+            if cell is not None and cell["key"] == key and cell.get("weighting") == scheme[m]:
+                done[(m, s)] = cell
         cells += done.values()
         if len(done) == len(wanted):
             log(f"sweep p={rate:g}: all {len(done)} cells done, skipped")
@@ -96,7 +107,8 @@ def run_sweep(cfg: Config, *, methods: list[str], rates: list[float], seeds: int
                         "history": metrics["history"]}
                 write_json(path, cell)
                 cells.append(cell)
-                log(f"sweep {method} p={rate:g} seed {seed}: test accuracy {metrics['final_test_accuracy']:.4f} "
+                log(f"sweep {method} p={rate:g} seed {seed}: {metrics['evaluated_on']} accuracy "
+                    f"{metrics['final_test_accuracy']:.4f} "
                     f"({metrics['train_seconds']:.1f}s)")
     rows = summarise(cells, methods=methods, rates=rates)
     _write_outputs(cfg, root, cells, rows)
@@ -115,14 +127,15 @@ def summarise(cells: list[dict[str, Any]], *, methods: list[str], rates: list[fl
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], *, full_accuracy: float | None) -> str:
-    """Methods as rows, prune rates as columns, 'mean ± std' test accuracy in percent."""
+def markdown_table(rows: list[dict[str, Any]], *, full_accuracy: float | None, split: str = "test") -> str:
+    """Methods as rows, prune rates as columns, 'mean ± std' accuracy in percent on ``split``
+    (test, or validation when data.validation is set)."""
     rates = sorted({r["prune_rate"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["method"], r["prune_rate"]): r for r in rows}
     lines = []
     if full_accuracy is not None:
-        lines.append(f"Full data (stage one): {100 * full_accuracy:.2f}% test accuracy\n")
+        lines.append(f"Full data (stage one): {100 * full_accuracy:.2f}% {split} accuracy\n")
     lines.append("| method | " + " | ".join(f"p = {r:g}" for r in rates) + " |")
     lines.append("|---|" + "---|" * len(rates))
     for m in methods:
@@ -132,8 +145,8 @@ def markdown_table(rows: list[dict[str, Any]], *, full_accuracy: float | None) -
             cells.append(f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}" if row else "—")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     n = sorted({r["n"] for r in rows})
-    lines.append(f"\nTest accuracy (%) after retraining on the kept samples, mean ± std over {'/'.join(map(str, n))} "
-                 f"seeds.")
+    lines.append(f"\n{split.capitalize()} accuracy (%) after retraining on the kept samples, mean ± std over "
+                 f"{'/'.join(map(str, n))} seeds.")
     return "\n".join(lines) + "\n"
 
 
@@ -154,4 +167,5 @@ def _write_outputs(cfg: Config, root: Path, cells: list[dict], rows: list[dict])
         tmp.write_text("\n".join([",".join(TABLE_COLUMNS)] + [",".join(str(r[k]) for k in TABLE_COLUMNS)
                                                               for r in rows]) + "\n")
     with atomic_path(root / "table.md") as tmp:
-        tmp.write_text(markdown_table(rows, full_accuracy=full))
+        split = "test" if cfg.data.validation is None else "validation"
+        tmp.write_text(markdown_table(rows, full_accuracy=full, split=split))

@@ -41,5 +41,6 @@ def sweep(params_file, overrides, methods, rates, seeds, workers, scheduler, sch
 
     full = Path(cfg.paths.sweep) / "full.json"
     full_acc = read_json(full)["final_test_accuracy"] if full.is_file() else None
-    click.echo(markdown_table(rows, full_accuracy=full_acc))
+    split = "test" if cfg.data.validation is None else "validation"
+    click.echo(markdown_table(rows, full_accuracy=full_acc, split=split))
     click.echo(f"written: {cfg.paths.sweep}/table.md, table.csv, cells.csv")

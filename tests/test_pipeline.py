@@ -70,6 +70,21 @@ def test_sweep_resumes_and_reruns_only_changed_cells(tmp_path, monkeypatch):
     assert "| td_dyun |" in third.output and "| random |" in third.output
 
 
+def test_sweep_on_a_validation_split_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    held = ["--set", "data.validation=48"]
+    assert CliRunner().invoke(main, ["train", "--no-progress"] + held).exit_code == 0
+    train = json.loads((tmp_path / "artifacts" / "train_metrics.json").read_text())
+    assert train["evaluated_on"] == "validation" and train["num_train"] == 240 - 48
+    result = CliRunner().invoke(main, ["sweep", "--methods", "random", "--rates", "0.5", "--seeds", "1"] + held)
+    assert result.exit_code == 0, result.output
+    cell = json.loads(next((tmp_path / "artifacts" / "sweep" / "cells").glob("*.json")).read_text())
+    assert cell["evaluated_on"] == "validation" and cell["n_total"] == 192
+    table = (tmp_path / "artifacts" / "sweep" / "table.md").read_text()
+    assert "validation accuracy" in table and "Validation accuracy (%)" in table and "test" not in table
+
+
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     out = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)

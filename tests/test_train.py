@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data import augment_batch, balanced_subset, load_data
 from pipeline.models import build_model
 from pipeline.record import record_training
@@ -130,6 +130,34 @@ def test_balanced_subset():
     assert np.array_equal(ids, balanced_subset(labels, 10, seed=0))
     with pytest.raises(ValueError, match=r"data.subset = 101.*\[1, 100\]"):
         balanced_subset(labels, 101, seed=0)
+
+
+def test_validation_is_held_out_of_the_training_subset_and_replaces_test():
+    base = load_config(None, ["data.name=synthetic", "data.synthetic_samples=200", "data.subset=100"]).data
+    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_samples=200", "data.subset=100",
+                             "data.validation=20"]).data
+    full, split = load_data(base), load_data(cfg)
+    assert (len(split.train), len(split.test)) == (80, 20)
+    assert split.info["eval_split"] == "validation" and full.info["eval_split"] == "test"
+    # train and validation partition the subset; the test set is not among them
+    train_src, val_src = set(split.train.source_index), set(split.test.source_index)
+    assert not train_src & val_src and train_src | val_src == set(full.train.source_index)
+    assert np.bincount(split.test.y.numpy()).tolist() == [5, 5, 5, 5]  # class-balanced
+    # the validation size never reshuffles the subset; the same seed holds out the same samples
+    assert set(load_data(cfg).test.source_index) == val_src
+    other = load_config(None, ["data.name=synthetic", "data.synthetic_samples=200", "data.subset=100",
+                               "data.validation=40"]).data
+    assert set(load_data(other).train.source_index) | set(load_data(other).test.source_index) == train_src | val_src
+
+
+def test_validation_out_of_range_is_refused():
+    with pytest.raises(ConfigError, match=r"data.validation.*100.*fewer than data.subset = 100"):
+        load_config(None, ["data.subset=100", "data.validation=100"])
+    with pytest.raises(ConfigError, match=r"data.validation.*-1"):
+        load_config(None, ["data.validation=-1"])
+    cfg = load_config(None, ["data.name=synthetic", "data.synthetic_samples=50", "data.validation=50"]).data
+    with pytest.raises(ValueError, match=r"data.validation = 50: expected an integer in \[1, 49\]"):
+        load_data(cfg)
 
 
 def test_augment_batch_crop_and_flip():
