@@ -68,6 +68,36 @@ def build_store(path: Path, *, samples: int, epochs: int, classes: int, seed: in
     return time.perf_counter() - start
 
 
+def evict(path: Path) -> None:
+    """Drop the store's files from the page cache (``posix_fadvise(DONTNEED)``, no root needed),
+    so the next read comes from the disk, as it does when a store is larger than the RAM."""
+    import os
+
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages are not dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def ensure_store(path: Path, *, samples: int, epochs: int, classes: int, seed: int = 0) -> float:
+    """Build the store unless a complete one of this shape is there already; returns the build
+    seconds (0 when reused)."""
+    from store.logits import open_logits
+
+    if path.exists():
+        try:
+            store = open_logits(path)
+            if store.epochs_complete == epochs and store.num_samples == samples and store.num_classes == classes:
+                return 0.0
+        except Exception:  # a half-built store from an interrupted run: build it again
+            pass
+    return build_store(path, samples=samples, epochs=epochs, classes=classes, seed=seed)
+
+
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -207,6 +237,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp", help="where the temporary stores go")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--store-dir", default=None,
+                    help="build the stores here and reuse them on the next run (default: a temporary folder)")
+    ap.add_argument("--cold", action="store_true",
+                    help="also time (a) and (b) with the store evicted from the page cache before each run")
     ap.add_argument("--child-rss", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.block_mb is None:
@@ -228,20 +262,31 @@ def main() -> None:
           f"uncompressed; {free / 1e9:.1f} GB free in {args.workdir}", flush=True)
     if free < 1.3 * raw + 1e9:
         sys.exit(f"not enough free disk in {args.workdir}: need about {1.3 * raw / 1e9:.1f} GB")
-    tmp = Path(tempfile.mkdtemp(prefix="tddyun-bench-", dir=args.workdir))
+    tmp = Path(args.store_dir) if args.store_dir else Path(tempfile.mkdtemp(prefix="tddyun-bench-", dir=args.workdir))
     try:
-        big_path, small_path = tmp / "big.zarr", tmp / "small.zarr"
-        build_s = build_store(big_path, samples=n, epochs=e, classes=c)
-        build_store(small_path, samples=small, epochs=e, classes=c, seed=1)
+        big_path, small_path = tmp / f"big-{n}x{e}x{c}.zarr", tmp / f"small-{small}x{e}x{c}.zarr"
+        build_s = ensure_store(big_path, samples=n, epochs=e, classes=c)
+        ensure_store(small_path, samples=small, epochs=e, classes=c, seed=1)
         store = open_logits(big_path)
         on_disk = disk_bytes(big_path)
         nbytes = e * n * c * 4
-        print(f"built {big_path} in {build_s:.1f} s: {on_disk / 1e9:.2f} GB on disk "
+        print(f"{big_path} ({'built in %.1f s' % build_s if build_s else 'reused'}): {on_disk / 1e9:.2f} GB on disk "
               f"({nbytes / on_disk:.2f}x compression)", flush=True)
         workers = usable_cores()
         chunk = int(store.logits_array().chunks[1])
         block = choose_block(args.block_mb, epochs=e, num_classes=c, chunk=chunk, num_samples=n)
 
+        cold = {}
+        if args.cold:
+            methods = all_methods()
+            reads, scores = [], []
+            for _ in range(args.repeats):
+                evict(big_path)
+                reads.append(read_only(store, epochs=e, block=block, workers=workers))
+                evict(big_path)
+                scores.append(score_once(store, methods, block_mb=args.block_mb).seconds)
+            cold = {"read": statistics.median(reads), "score": statistics.median(scores)}
+            print(f"cold cache: (a) read {cold['read']:.2f} s, (b) score {cold['score']:.2f} s", flush=True)
         read_only(store, epochs=e, block=block, workers=workers)  # warm-up (page cache, imports)
         t_read = statistics.median(read_only(store, epochs=e, block=block, workers=workers)
                                    for _ in range(args.repeats))
@@ -260,7 +305,7 @@ def main() -> None:
         rss_small = measure_rss(small_path, args.block_mb)
         print(f"(d) RSS: {rss_small} / {rss_big}", flush=True)
     finally:
-        if not args.keep:
+        if not (args.keep or args.store_dir):
             shutil.rmtree(tmp, ignore_errors=True)
 
     mb = nbytes / 1e6
@@ -275,6 +320,11 @@ def main() -> None:
     print(f"| (a) read only, same blocks | {n} | {t_read:.2f} | {mb / t_read:.0f} | {per(t_read, n):.1f} |")
     print(f"| (b) score_store, all {len(methods)} scores ({len(runs[0].arrays)} outputs) | {n} | {t_score:.2f} | "
           f"{mb / t_score:.0f} | {per(t_score, n):.1f} |")
+    if cold:
+        print(f"| (a) read only, cold page cache | {n} | {cold['read']:.2f} | {mb / cold['read']:.0f} | "
+              f"{per(cold['read'], n):.1f} |")
+        print(f"| (b) score_store, all scores, cold page cache | {n} | {cold['score']:.2f} | "
+              f"{mb / cold['score']:.0f} | {per(cold['score'], n):.1f} |")
     print(f"| (b2) score_store, td_dyun only | {n} | {t_td:.2f} | {mb / t_td:.0f} | {per(t_td, n):.1f} |")
     print(f"| (c) naive in-memory TDDS loop (numpy) | {ref_n} | {t_naive:.2f} | – | {per(t_naive, ref_n):.1f} |")
     print(f"| (d) peak RSS of (b), subprocess | {rss_small['n']} | {rss_small['seconds']:.2f} | – | "
@@ -289,6 +339,9 @@ def main() -> None:
     flat = rss_big["peak_mib"] / rss_small["peak_mib"]
     print(f"- b/a = {ratio_ba:.2f} (all scores), {ratio_ba2:.2f} (td_dyun)   goal <= 1.2: "
           f"{'met' if ratio_ba <= 1.2 else 'NOT met'}")
+    if cold:
+        print(f"- cold page cache: b/a = {cold['score'] / cold['read']:.2f}, c/b per sample = "
+              f"{per(t_naive, ref_n) / per(cold['score'], n):.1f}x")
     print(f"- c/b per sample = {ratio_cb:.1f}x (all scores), {ratio_cb2:.1f}x (td_dyun)   goal >= 10x: "
           f"{'met' if ratio_cb >= 10 else 'NOT met'}")
     print(f"- peak RSS {rss_small['peak_mib']:.0f} MiB at N = {rss_small['n']}, {rss_big['peak_mib']:.0f} MiB at "

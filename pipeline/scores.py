@@ -157,14 +157,23 @@ def wdu(
     return (omega[:, None] * U * hard).sum(dim=0) / omega.sum()
 
 
+def _log_plus(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``log(x + eps)`` as a new tensor. On the CPU through numpy's ufuncs, whose vectorised
+    float32 log is about 2.5x faster than torch's here (0.64 against 1.67 ns an element, E=50,
+    C=100 slices; bench/score_throughput.py); elsewhere (CUDA) in torch."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        out = np.add(x.detach().numpy(), np.float32(eps))
+        return torch.from_numpy(np.log(out, out=out))
+    return (x + eps).log_()
+
+
 def _divergence_terms(prob: torch.Tensor, eps: float) -> torch.Tensor:
     """``P[t+1] * (log(P[t+1]+eps) - log(P[t]+eps))``: P (T, n, C) -> a new (T-1, n, C) tensor.
 
     Two temporaries of the input's size, the rest in place: log(P+eps) once, its epoch-to-epoch
     difference, then multiplied by P[t+1] in place (bit-identical to the out-of-place formula).
     """
-    logp = prob + eps
-    logp.log_()  # (T, n, C): log(P + eps)
+    logp = _log_plus(prob, eps)  # (T, n, C): log(P + eps)
     term = logp[1:] - logp[:-1]  # (T-1, n, C)
     del logp
     return term.mul_(prob[1:])
@@ -752,15 +761,18 @@ class BlockTensors:
         return gold.squeeze(-1) - other
 
     def entropy(self, T: int) -> torch.Tensor:
-        """``entropy(prob[:T], log_prob[:T])`` with the log-softmax multiplied by P in place:
-        when it is not cached already (it only serves the entropy when P is needed), it is
-        computed here and never kept, which saves one (T, n, C) temporary."""
+        """``entropy(prob[:T], log_prob[:T])``; when the log-softmax is not cached already, from
+        P and the logits without one (the same value to float32 rounding)."""
         if "log_prob" in self.__dict__:
             return entropy(self.prob[:T], self.log_prob[:T])
-        p = self.prob[:T]
-        total = torch.log_softmax(self.logits[:T], dim=-1).mul_(p).sum(dim=-1)  # (T, n)
+        # H = -sum_c P log P with log P = (z - m) - log s, m = max_c z, s = sum_c exp(z - m);
+        # the softmax's largest entry is exp(0) / s, so log s = -log max_c P: the entropy
+        # needs no second exp pass (a log-softmax), only P * (z - m) summed over C
+        p, z = self.prob[:T], self.logits[:T]
+        shifted = z - z.amax(dim=-1, keepdim=True)  # (T, n, C), <= 0
+        total = shifted.mul_(p).sum(dim=-1) + p.amax(dim=-1).log_()  # (T, n): sum P log P = -H
         if not bool(torch.isfinite(total).all()):  # a -inf logit: the masked sum of ``entropy``
-            return entropy(p, torch.log_softmax(self.logits[:T], dim=-1))
+            return entropy(p, torch.log_softmax(z, dim=-1))
         return -total.mean(dim=0)
 
     @cached_property
