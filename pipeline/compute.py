@@ -98,16 +98,21 @@ def usable_cores() -> int:
 
 def choose_block(block_mb: float, *, epochs: int, num_classes: int, chunk: int, num_samples: int,
                  itemsize: int = 4) -> int:
-    """Samples per task: ``block × T × C × itemsize ≈ block_mb`` MiB, a multiple of the store's
-    sample chunk ``chunk`` (at least one chunk), at most N.
+    """Samples per task: ``block × T × C × itemsize ≈ block_mb`` MiB, at most N.
 
-    itemsize is that of the in-memory block (float32: 4). A block never cuts a store chunk, so
-    every chunk is read (and decompressed) by exactly one task.
+    itemsize is that of the in-memory block (float32: 4). Normally a multiple of the store's
+    sample chunk ``chunk``, so that every chunk is read (and decompressed) by exactly one task.
+    When one chunk of all T epochs would exceed twice ``block_mb`` (a long trajectory), the
+    chunk is split evenly into blocks of about ``block_mb`` instead: each part then decompresses
+    the whole chunk again (slower reads), but memory stays bounded by ``block_mb``.
     """
     if not block_mb > 0:
         raise ValueError(f"score.block_mb = {block_mb!r}: expected a number of MiB > 0")
     per_sample = max(1, epochs * num_classes * itemsize)
-    wanted = int(block_mb * 2**20 // per_sample)
+    wanted = max(1, int(block_mb * 2**20 // per_sample))
+    if wanted * 2 < chunk:
+        parts = -(-chunk // wanted)  # ceil: the fewest parts of at most `wanted` samples
+        return int(min(-(-chunk // parts), num_samples))
     block = max(1, wanted // chunk) * chunk
     return int(min(block, num_samples))
 

@@ -80,7 +80,11 @@ def test_choose_block_aligns_to_chunks():
     mib = 2**20
     # 10 epochs × 100 classes × 4 B = 4000 B a sample
     assert compute.choose_block(1.0, epochs=10, num_classes=100, chunk=64, num_samples=10_000) == (mib // 4000) // 64 * 64
-    assert compute.choose_block(1e-6, epochs=10, num_classes=100, chunk=64, num_samples=10_000) == 64  # one chunk
+    # a chunk of all T epochs above twice block_mb is split evenly: memory stays bounded
+    per_sample_mb = 10 * 100 * 4 / 2**20
+    assert compute.choose_block(40 * per_sample_mb, epochs=10, num_classes=100, chunk=64, num_samples=10_000) == 64
+    assert compute.choose_block(31 * per_sample_mb, epochs=10, num_classes=100, chunk=64, num_samples=10_000) == 22
+    assert compute.choose_block(1e-6, epochs=10, num_classes=100, chunk=64, num_samples=10_000) == 1
     assert compute.choose_block(1e6, epochs=10, num_classes=100, chunk=64, num_samples=1000) == 1000  # capped at N
     with pytest.raises(ValueError, match="block_mb"):
         compute.choose_block(0.0, epochs=10, num_classes=100, chunk=64, num_samples=1000)
