@@ -35,6 +35,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("the defaults: α 0.5, trajectory auto, windows 10, λ 1, η 1, weights `score`, "
                 "class-balanced selection", []),
     "trajectory_all": ("trajectory all (T = E at every rate)", [f"{TD}.trajectory=all"]),
+    "trajectory_5": ("trajectory 5 at every rate (auto: 9, 6, 3 at p = 0.3, 0.7, 0.9)",
+                     [f"{TD}.trajectory=5"]),
     "weights_none": ("no importance weights", ["score.weighting=none"]),
     "alpha_0.25": ("α 0.25 (more tsdd)", [f"{TD}.alpha=0.25"]),
     "alpha_0.75": ("α 0.75 (more wdu)", [f"{TD}.alpha=0.75"]),
