@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# dvc repro reruns only the stages whose code, params or inputs changed; the table is the report's.
+# dvc repro reruns only the stages whose code, params or inputs changed; the table is the report's
+# (its stage runs `tddyun report --quiet`, so the table is printed once, here, also when DVC skips it).
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@cat artifacts/report/summary.md

@@ -13,8 +13,10 @@ from stages.common import config_from_cli, params_options, user_errors
 
 @click.command("report")
 @params_options
+@click.option("--quiet", is_flag=True, help="Print only where the report went, not the summary table "
+              "(dvc.yaml: `make run` prints summary.md itself, also when DVC skips the stage).")
 @user_errors
-def report(params_file: str | None, overrides: tuple[str, ...]) -> None:
+def report(params_file: str | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Write the report of the run (PNG figures, report.html, summary.md) into paths.report."""
     import matplotlib
 
@@ -23,6 +25,8 @@ def report(params_file: str | None, overrides: tuple[str, ...]) -> None:
 
     config = config_from_cli(params_file, overrides)
     result = build_report(config)
-    click.echo(result.summary_md, nl=False)
-    click.echo(f"\nreport: {len(result.figures)} figures, report.html and summary.md in {result.folder} "
+    if not quiet:
+        click.echo(result.summary_md, nl=False)
+        click.echo()
+    click.echo(f"report: {len(result.figures)} figures, report.html and summary.md in {result.folder} "
                f"({result.seconds:.1f} s)")

@@ -437,6 +437,9 @@ def test_cli_report(tmp_path):
     assert (folder / "summary.md").read_text() in result.output
     assert sorted(p.name for p in folder.glob("*.png")) == [
         "class_counts.png", "data_map.png", "score_histograms.png", "sweep.png"]
+    quiet = CliRunner().invoke(main, ["report", "--params", str(params), "--quiet"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "| Quantity |" not in quiet.output and quiet.output.startswith("report: 4 figures")
 
 
 def test_cli_set_override_and_clean_errors(tmp_path):
