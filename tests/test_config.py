@@ -1,4 +1,6 @@
 """Strict params loading: unknown keys, wrong types, ranges and overrides name file, key and value."""
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import ConfigError, config_to_dict, load_config, prune_rate_of
@@ -71,3 +73,29 @@ def test_shipped_configs_load():
     assert len(files) >= 5
     for path in files:
         load_config(path)
+
+
+def test_shipped_configs_and_tuning_variants_load():
+    """Every params file in configs/ loads; every bench/tune.py variant is a valid override set
+    whose TD-DyUn parameters resolve at each tuned rate (a typo there would waste an hour)."""
+    import importlib.util
+
+    from pipeline.scores import resolve_methods
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        load_config(path)
+    tune_cfg = load_config(root / "configs" / "cifar10-cpu-tune.yaml")
+    assert tune_cfg.data.validation and tune_cfg.paths.store != load_config(
+        root / "configs" / "cifar10-cpu.yaml").paths.store  # tuning never shares the benchmark's store
+    spec = importlib.util.spec_from_file_location("tune", root / "bench" / "tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    seen = set()
+    for name, (_, overrides) in tune.VARIANTS.items():
+        cfg = load_config(root / "configs" / "cifar10-cpu-tune.yaml", overrides)
+        resolved = [resolve_methods({"td_dyun": cfg.score.methods.get("td_dyun") or {}}, epochs=20, prune_rate=p)
+                    for p in (0.3, 0.7, 0.9)]
+        key = (repr(resolved), cfg.score.weighting, cfg.score.class_balanced, cfg.score.class_balance)
+        assert key not in seen, f"variant {name} changes nothing"
+        seen.add(key)
