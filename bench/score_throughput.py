@@ -131,12 +131,12 @@ def all_methods() -> dict:
             if name not in ("wdu", "tsdd")}  # td_dyun writes wdu and tsdd already
 
 
-def score_once(store, methods: dict, *, block_mb: float):
+def score_once(store, methods: dict, *, block_mb: float, kernel: str = "auto"):
     from pipeline.compute import score_store
     from pipeline.scores import resolve_methods
 
     resolved = resolve_methods(methods, epochs=store.epochs_complete, prune_rate=0.5)
-    return score_store(store, resolved, block_mb=block_mb)
+    return score_store(store, resolved, block_mb=block_mb, kernel=kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +294,11 @@ def main() -> None:
         methods = all_methods()
         runs = [score_once(store, methods, block_mb=args.block_mb) for _ in range(args.repeats)]
         t_score = statistics.median(r.seconds for r in runs)
-        print(f"(b) score ({len(runs[0].arrays)} outputs): {t_score:.2f} s", flush=True)
+        kernel = runs[0].extra["kernel"]
+        print(f"(b) score ({len(runs[0].arrays)} outputs, {kernel} kernel): {t_score:.2f} s", flush=True)
+        t_eager = statistics.median(score_once(store, methods, block_mb=args.block_mb, kernel="eager").seconds
+                                    for _ in range(args.repeats))
+        print(f"(b, eager kernel): {t_eager:.2f} s", flush=True)
         t_td = statistics.median(score_once(store, {"td_dyun": {"trajectory": "all"}}, block_mb=args.block_mb).seconds
                                  for _ in range(args.repeats))
         print(f"(b2) td_dyun: {t_td:.2f} s", flush=True)
@@ -318,8 +322,10 @@ def main() -> None:
     print("| measurement | N | seconds | MB/s read | µs / sample |")
     print("|---|---:|---:|---:|---:|")
     print(f"| (a) read only, same blocks | {n} | {t_read:.2f} | {mb / t_read:.0f} | {per(t_read, n):.1f} |")
-    print(f"| (b) score_store, all {len(methods)} scores ({len(runs[0].arrays)} outputs) | {n} | {t_score:.2f} | "
-          f"{mb / t_score:.0f} | {per(t_score, n):.1f} |")
+    print(f"| (b) score_store, all {len(methods)} scores ({len(runs[0].arrays)} outputs), {kernel} kernel | {n} | "
+          f"{t_score:.2f} | {mb / t_score:.0f} | {per(t_score, n):.1f} |")
+    print(f"| (b) the same, eager kernel (torch ops) | {n} | {t_eager:.2f} | {mb / t_eager:.0f} | "
+          f"{per(t_eager, n):.1f} |")
     if cold:
         print(f"| (a) read only, cold page cache | {n} | {cold['read']:.2f} | {mb / cold['read']:.0f} | "
               f"{per(cold['read'], n):.1f} |")

@@ -202,7 +202,7 @@ def check_data_config(store: LogitStore, data: Mapping[str, Any], *, source: str
 # The block task
 # ---------------------------------------------------------------------------------------------
 def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, task_epochs: int,
-                num_classes: int, slice_samples: int) -> np.ndarray:
+                num_classes: int, slice_samples: int, kernel: str = "eager") -> np.ndarray:
     """One task: x (T, n, C) logits of a block, y (1, n, 1) labels → a (1, 1, 1) object array
     holding ``{output: (n,)}``, or a NaN/inf report ``{_NONFINITE: (per-epoch counts (T,), n_bad)}``.
 
@@ -239,7 +239,7 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
             continue  # this block is reported, not scored; keep counting
         # the strided view: compute_block makes the contiguous float32 copy (its own, which it
         # may then use as scratch space)
-        outputs = compute_block(part, labels[start:start + slice_samples], resolved, device=device)
+        outputs = compute_block(part, labels[start:start + slice_samples], resolved, device=device, kernel=kernel)
         for name, values in outputs.items():
             values = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
             if values.shape != (part.shape[1],):
@@ -353,11 +353,11 @@ def block_tasks(store: LogitStore, func, *, epochs: int, block: int, token: str,
 
 
 def _build_graph(store: LogitStore, resolved: dict, *, epochs: int, block: int, device: str,
-                 slice_samples: int):
+                 slice_samples: int, kernel: str = "eager"):
     """The lazy per-block tasks (dask delayed objects, in block order)."""
     return block_tasks(store, _block_task, epochs=epochs, block=block, token="tddyun-score-block",
                        resolved=resolved, device=device, task_epochs=epochs, num_classes=store.num_classes,
-                       slice_samples=slice_samples)
+                       slice_samples=slice_samples, kernel=kernel)
 
 
 @contextlib.contextmanager
@@ -415,6 +415,7 @@ def score_store(
     seed: int = 0,
     workers: int | None = None,
     slice_mb: float = SLICE_MB,
+    kernel: str = "auto",
 ) -> ScoreResult:
     """Every score in ``resolved`` (from ``pipeline.scores.resolve_methods``) for all N samples.
 
@@ -426,11 +427,14 @@ def score_store(
 
     client: a ``dask.distributed.Client`` to run on (default: threads, ``workers`` of them,
     default the usable cores). slice_mb: each task scores its block in slices of about this
-    many MiB of logits (exact; it bounds the score functions' temporaries). device: where the score functions run (cpu | cuda | cuda:K).
+    many MiB of logits (exact; it bounds the score functions' temporaries). device: where the
+    score functions run (cpu | cuda | cuda:K). kernel: auto | eager | native
+    (``pipeline.scores.resolve_kernel``; resolved here, on the client, so a cluster's workers
+    need the same compiler when it resolves to native).
     Errors: too few complete epochs (names the store, the number needed and the method), NaN or
     inf logits in the epochs used (names the store, the first such epoch and the sample count).
     """
-    from pipeline.scores import epochs_needed, finalize
+    from pipeline.scores import epochs_needed, finalize, resolve_kernel
 
     if not resolved:
         raise ValueError("score.methods: expected at least one score")
@@ -449,8 +453,9 @@ def score_store(
     chunk = int(logits.chunks[1])
     block = choose_block(block_mb, epochs=needed, num_classes=c, chunk=chunk, num_samples=n)
     slice_samples = max(1, int(min(slice_mb, block_mb) * 2**20 // (needed * c * 4)))
+    kernel = resolve_kernel(kernel, device=device)
     tasks = _build_graph(store, resolved, epochs=needed, block=block, device=device,
-                         slice_samples=slice_samples)
+                         slice_samples=slice_samples, kernel=kernel)
 
     start = time.perf_counter()
     if client is None:
@@ -477,7 +482,7 @@ def score_store(
     return ScoreResult(
         arrays={k: np.asarray(v) for k, v in arrays.items()}, seconds=seconds,
         bytes_read=needed * n * c * itemsize, block=block, epochs_read=needed,
-        num_blocks=len(tasks), scheduler=scheduler,
+        num_blocks=len(tasks), scheduler=scheduler, extra={"kernel": kernel},
     )
 
 

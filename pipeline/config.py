@@ -99,6 +99,7 @@ class ScoreConfig:
     weight_max: float = 4.0
     class_balance: bool = False  # restore the full data's class proportions in the weights
     device: str = "cpu"  # where the score functions run: cpu | cuda
+    kernel: Literal["auto", "eager", "native"] = "auto"  # native: one-pass C kernel (CPU), compiled on first use
     block_mb: float = 128.0  # memory of one block of samples (all epochs), in MiB, per worker thread
 
 

@@ -687,6 +687,29 @@ def epochs_needed(resolved: Mapping[str, Mapping]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Kernels: eager torch ops, or the native one-pass kernel (pipeline/native.py) on the CPU
+# ---------------------------------------------------------------------------------------------
+KERNELS = ("auto", "eager", "native")
+
+
+def resolve_kernel(kernel: str, *, device: str) -> str:
+    """``auto`` -> ``native`` on the CPU when it compiles and loads here, else ``eager``.
+    ``native`` is CPU only; asking for it where it is not available is an error."""
+    from . import native
+
+    if kernel not in KERNELS:
+        raise _error("score.kernel", kernel, f"one of {', '.join(KERNELS)}")
+    on_cpu = str(device) == "cpu"
+    if kernel == "auto":
+        return "native" if on_cpu and native.available() else "eager"
+    if kernel == "native" and not on_cpu:
+        raise _error("score.kernel", kernel, f"eager or auto with score.device = {device} (native is CPU only)")
+    if kernel == "native" and not native.available():
+        raise _error("score.kernel", kernel, "eager or auto: no working C compiler here to build the native kernel")
+    return kernel
+
+
+# ---------------------------------------------------------------------------------------------
 # A block of samples: the shared tensors, computed once
 # ---------------------------------------------------------------------------------------------
 class BlockTensors:
@@ -725,6 +748,21 @@ class BlockTensors:
         self.need_prob = bool(need_prob)
         self._divergences: dict[str, torch.Tensor] = {}
         self._divergence_epochs = 0
+        self._per_epoch: dict[str, torch.Tensor] = {}  # entropy, el2n (T, n) from the native kernel
+
+    def use_native(self, T: int) -> None:
+        """Take g, the margin, both divergences and the per-epoch entropy and el2n of the first T
+        epochs from the native one-pass kernel (``pipeline.native``) instead of op by op.
+        Finite float32 logits on the CPU only (the caller checks)."""
+        from . import native
+
+        z = self.logits[:T]
+        gold, margin, entropy_t, el2n_t, kl, abs_kl = (
+            torch.from_numpy(a) for a in native.epoch_statistics(z.numpy(), self.labels.numpy(), EPS))
+        self.logits = z  # every score takes a prefix of these T epochs
+        self.__dict__["gold_prob"], self.__dict__["margin"] = gold, margin
+        self._divergences, self._divergence_epochs = {"kl": kl, "abs_kl": abs_kl}, T
+        self._per_epoch = {"entropy": entropy_t, "el2n": el2n_t}
 
     def _gold_index(self, T: int) -> torch.Tensor:  # (T, n, 1)
         return self.labels[None, :, None].expand(T, -1, 1)
@@ -763,6 +801,8 @@ class BlockTensors:
     def entropy(self, T: int) -> torch.Tensor:
         """``entropy(prob[:T], log_prob[:T])``; when the log-softmax is not cached already, from
         P and the logits without one (the same value to float32 rounding)."""
+        if "entropy" in self._per_epoch:
+            return self._per_epoch["entropy"][:T].mean(dim=0)
         if "log_prob" in self.__dict__:
             return entropy(self.prob[:T], self.log_prob[:T])
         # H = -sum_c P log P with log P = (z - m) - log s, m = max_c z, s = sum_c exp(z - m);
@@ -807,6 +847,8 @@ class BlockTensors:
         self._divergence_epochs = T
 
     def el2n(self, T: int) -> torch.Tensor:
+        if "el2n" in self._per_epoch:
+            return self._per_epoch["el2n"][:T].mean(dim=0)
         return _el2n_in_place(self.prob[:T], self.labels, self.gold_prob[:T])
 
 
@@ -873,7 +915,7 @@ def _block_outputs(name: str, p: Mapping, b: BlockTensors) -> dict[str, torch.Te
 
 
 def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
-                  device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+                  device: str | torch.device = "cpu", kernel: str = "eager") -> dict[str, np.ndarray]:
     """Every block-local output of every resolved method for one block of samples.
 
     logits: (T, n, C) numpy or torch, any float dtype, T >= ``epochs_needed(resolved)`` (extra
@@ -881,6 +923,9 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     the margin are computed once (in float32 on ``device``) and shared. td_dyun contributes
     ``wdu`` and ``tsdd`` (its ranks need all N, see ``finalize``); random contributes nothing.
     Returns name -> (n,) float32 numpy. NaN/inf checks on the logits are the caller's.
+    kernel: ``eager`` (torch ops) or ``native`` (``pipeline.native``'s one-pass kernel, CPU only,
+    the same values to float32 rounding; a block with a non-finite logit goes eager); resolve
+    ``auto`` first with ``resolve_kernel``.
     """
     need = epochs_needed(resolved)
     block = BlockTensors(logits, labels, device=device,
@@ -893,9 +938,14 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     if block.logits.shape[2] < 2:
         raise ValueError(f"logits: expected C >= 2 classes, found C = {block.logits.shape[2]}")
     out: dict[str, np.ndarray] = {}
+    if kernel not in ("eager", "native"):
+        raise _error("score.kernel", kernel, "eager or native (resolve auto first)")
     with torch.no_grad():
         div_epochs, div_kinds = _divergence_plan(resolved)
-        if div_kinds and 3 <= div_epochs <= block.logits.shape[0]:
+        if (kernel == "native" and block.logits.device.type == "cpu" and need >= 2
+                and bool(torch.isfinite(block.logits[:need].sum(dim=-1)).all())):
+            block.use_native(need)
+        elif div_kinds and 3 <= div_epochs <= block.logits.shape[0]:
             block.plan_divergences(div_epochs, div_kinds)  # one pass for tdds and tsdd
         for name, params in resolved.items():
             for key, value in _block_outputs(name, params, block).items():

@@ -36,7 +36,8 @@ TABLE_COLUMNS = ("method", "prune_rate", "mean", "std", "n")
 
 def _cell_key(cfg: Config, *, method: str, params: dict, rate: float, seed: int, fingerprint: str) -> str:
     score = {k: v for k, v in asdict(cfg.score).items() if k not in ("methods", "select_by", "prune_rate",
-                                                                      "keep_fraction", "device", "block_mb")}
+                                                                      "keep_fraction", "device", "block_mb",
+                                                                      "kernel")}
     train = {k: v for k, v in asdict(cfg.train).items() if k not in ("device", "num_threads", "test_every", "record",
                                                                       "record_loss", "logits_dtype")}
     # data.validation absent when null: the key it had before the field existed, so cells stay valid
@@ -90,7 +91,7 @@ def run_sweep(cfg: Config, *, methods: list[str], rates: list[float], seeds: int
             continue
         t0 = time.perf_counter()
         result = score_store(store, resolved, block_mb=cfg.score.block_mb, device=cfg.score.device, client=client,
-                             seed=cfg.score.seed)
+                             seed=cfg.score.seed, kernel=cfg.score.kernel)
         log(f"sweep p={rate:g}: scored {len(methods)} methods in {time.perf_counter() - t0:.2f}s")
         for method in methods:
             keep = None

@@ -75,7 +75,7 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
         raise ConfigError(f"{config.source}: score.select_by = {sc.select_by!r}: expected one of the "
                           f"names in score.methods ({', '.join(resolved)})")
 
-    result = score_store(store, resolved, block_mb=sc.block_mb, device=sc.device, client=client,
+    result = score_store(store, resolved, block_mb=sc.block_mb, device=sc.device, client=client, kernel=sc.kernel,
                          progress=progress, seed=sc.seed)
     arrays = result.arrays
     labels = store.labels.astype(np.int64)
@@ -120,6 +120,7 @@ def run_score(config: Config, *, client=None, progress: bool = False) -> dict[st
         "epochs_read": result.epochs_read,
         "scheduler": result.scheduler,
         "device": sc.device,
+        "kernel": result.extra.get("kernel"),
         "methods": resolved,
         "store": store_info,
         "outputs": {"scores": paths.scores, "keep": paths.keep},

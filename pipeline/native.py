@@ -1,0 +1,174 @@
+"""A native CPU kernel for stage two's per-epoch statistics, compiled on first use.
+
+Every score of docs/scores.md is made of a few per-(epoch, sample) quantities: the gold-class
+probability g, the margin, the entropy, the EL2N norm and the two depth-one divergences. The
+eager path (``pipeline.scores.BlockTensors``) computes them as a chain of torch ops, a dozen
+passes over the (T, n, C) logits. This kernel computes all of them in one pass, one row of C
+logits at a time with the previous epoch's row kept in L1, with the exp and log vectorised by
+glibc's libmvec. It is C compiled here with the system's C compiler (``cc -O3 -march=native
+-ffast-math``) into a cache folder keyed by the source, the flags and the CPU, and loaded with
+ctypes (which releases the GIL, so dask's threads run it in parallel). Where no compiler works,
+``available()`` is False and the eager path is used: the results are the same to float32
+rounding (tests/test_native.py).
+
+Inputs must be finite: ``-ffast-math`` assumes no NaN or inf (stage two refuses non-finite
+logits before scoring; ``compute_block`` sends a block with a -inf logit to the eager path).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["available", "epoch_statistics", "kernel_path"]
+
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+
+SOURCE = r"""
+#include <math.h>
+#include <float.h>
+#include <stdint.h>
+#include <stddef.h>
+
+/* z (T, n, C) float32, rows contiguous; y (n,) int64 in [0, C).
+   Out (T, n): gold = P[y], margin = z[y] - max_{c != y} z[c], ent = H(P), el2n = ||P - onehot||.
+   Out (T-1, n): kl[t] = sum_c P[t+1] (log(P[t+1]+eps) - log(P[t]+eps)), akl = the same with |.|.
+   work: 4 C floats of scratch. */
+void epoch_statistics(const float *z, const int64_t *y, int64_t T, int64_t n, int64_t C, float eps,
+                      float *gold, float *margin, float *ent, float *el2n, float *kl, float *akl,
+                      float *work)
+{
+    float *p = work, *lp = work + C, *p_prev = work + 2 * C, *lp_prev = work + 3 * C;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t yi = y[i];
+        for (int64_t t = 0; t < T; t++) {
+            const float *row = z + ((size_t)t * n + i) * C;
+            float m = -FLT_MAX, other = -FLT_MAX;
+            for (int64_t c = 0; c < C; c++) {
+                m = fmaxf(m, row[c]);
+                other = fmaxf(other, c == yi ? -FLT_MAX : row[c]);
+            }
+            float s = 0.0f;
+            for (int64_t c = 0; c < C; c++) {
+                p[c] = expf(row[c] - m);
+                s += p[c];
+            }
+            float sh = 0.0f, sq = 0.0f;
+            for (int64_t c = 0; c < C; c++) {
+                p[c] = p[c] / s;
+                sh += p[c] * (row[c] - m);
+                sq += c == yi ? 0.0f : p[c] * p[c];
+                lp[c] = logf(p[c] + eps);
+            }
+            const size_t o = (size_t)t * n + i;
+            const float g = p[yi];
+            gold[o] = g;
+            margin[o] = row[yi] - other;
+            ent[o] = logf(s) - sh;
+            el2n[o] = sqrtf(sq + (g - 1.0f) * (g - 1.0f));
+            if (t > 0) {
+                float a = 0.0f, b = 0.0f;
+                for (int64_t c = 0; c < C; c++) {
+                    const float d = p[c] * (lp[c] - lp_prev[c]);
+                    a += d;
+                    b += fabsf(d);
+                }
+                kl[(size_t)(t - 1) * n + i] = a;
+                akl[(size_t)(t - 1) * n + i] = b;
+            }
+            float *swap = p; p = p_prev; p_prev = swap;
+            swap = lp; lp = lp_prev; lp_prev = swap;
+        }
+    }
+}
+"""
+
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None | bool = None  # None: not tried yet; False: no compiler here
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its flags (Linux), else the machine."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [l for l in text.splitlines() if l.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def kernel_path() -> Path:
+    """Where the compiled kernel for this source, these flags and this CPU is cached."""
+    root = Path(os.environ.get("TDDYUN_CACHE") or Path.home() / ".cache" / "tddyun") / "kernels"
+    key = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS), _cpu_signature()]).encode()).hexdigest()[:16]
+    return root / f"epoch_statistics-{key}.so"
+
+
+def _compile(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc or $CC) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+        src.write_text(SOURCE)
+        subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(out, target)  # atomic: a concurrent process sees the whole file or none
+
+
+def _load() -> ctypes.CDLL | None:
+    global _LIB
+    with _LOCK:
+        if _LIB is None:
+            try:
+                path = kernel_path()
+                if not path.is_file():
+                    _compile(path)
+                lib = ctypes.CDLL(str(path))
+                f32 = ctypes.POINTER(ctypes.c_float)
+                lib.epoch_statistics.argtypes = [f32, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64,
+                                                 ctypes.c_int64, ctypes.c_float] + [f32] * 7
+                lib.epoch_statistics.restype = None
+                _LIB = lib
+            except (OSError, subprocess.SubprocessError):
+                _LIB = False
+        return _LIB or None
+
+
+def available() -> bool:
+    """Whether the kernel is (or can be) compiled and loaded on this machine."""
+    return _load() is not None
+
+
+def epoch_statistics(z: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
+    """z (T, n, C) float32, y (n,) ints -> (gold, margin, entropy, el2n) each (T, n) and
+    (kl, abs_kl) each (T-1, n), float32. See the module docstring; finite z only."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available on this machine (no working C compiler)")
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    y = np.ascontiguousarray(y, dtype=np.int64)
+    T, n, C = z.shape
+    if y.shape != (n,):
+        raise ValueError(f"labels: expected shape ({n},), found {y.shape}")
+    per_epoch = np.empty((4, T, n), dtype=np.float32)
+    pairs = np.empty((2, max(T - 1, 0), n), dtype=np.float32)
+    work = np.empty(4 * C, dtype=np.float32)
+    f32 = ctypes.POINTER(ctypes.c_float)
+
+    def ptr(a: np.ndarray):
+        return a.ctypes.data_as(f32)
+
+    lib.epoch_statistics(ptr(z), y.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), T, n, C, float(eps),
+                         ptr(per_epoch[0]), ptr(per_epoch[1]), ptr(per_epoch[2]), ptr(per_epoch[3]),
+                         ptr(pairs[0]), ptr(pairs[1]), ptr(work))
+    return per_epoch[0], per_epoch[1], per_epoch[2], per_epoch[3], pairs[0], pairs[1]

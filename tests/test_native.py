@@ -1,0 +1,97 @@
+"""The native one-pass kernel equals the eager torch path, and its absence falls back cleanly."""
+import numpy as np
+import pytest
+
+from pipeline import native
+from pipeline.scores import SCORES, ScoreParamError, compute_block, resolve_kernel, resolve_methods
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernel")
+
+
+def _logits(T, n, C, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    z = np.cumsum(rng.standard_normal((T, n, C), dtype=np.float32) * scale, axis=0)
+    return z, rng.integers(0, C, n)
+
+
+def _all_methods(T):
+    w = min(4, T)
+    methods = {name: {"trajectory": "all"} for name in SCORES if name not in ("wdu", "tsdd", "random")}
+    methods["dyun"] = {"window": min(4, T - 1), "trajectory": "all"}
+    methods["tdds"] = {"window": max(3, w), "trajectory": "all"}
+    methods["td_dyun"] = {"trajectory": "all", "wdu": {"window": w}, "tsdd": {"window": w}}
+    return resolve_methods(methods, epochs=T, prune_rate=0.5)
+
+
+@needs_native
+@pytest.mark.parametrize("T,n,C,scale", [(12, 300, 7, 1.0), (5, 40, 100, 3.0), (4, 1, 2, 0.5), (6, 64, 10, 8.0)])
+def test_native_equals_eager_for_every_score(T, n, C, scale):
+    z, y = _logits(T, n, C, seed=T * n, scale=scale)
+    resolved = _all_methods(T)
+    eager = compute_block(z, y, resolved, kernel="eager")
+    fast = compute_block(z, y, resolved, kernel="native")
+    assert eager.keys() == fast.keys()
+    for name in eager:
+        np.testing.assert_allclose(fast[name], eager[name], rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+@needs_native
+def test_native_statistics_on_hand_values():
+    # two epochs, one sample, three classes: uniform, then all mass on class 0 (up to exp(-20))
+    z = np.array([[[0.0, 0.0, 0.0]], [[20.0, 0.0, 0.0]]], dtype=np.float32)
+    gold, margin, ent, el2n, kl, akl = native.epoch_statistics(z, np.array([0]), 1e-8)
+    assert gold[0, 0] == pytest.approx(1 / 3, rel=1e-6) and gold[1, 0] == pytest.approx(1.0, abs=1e-7)
+    assert margin[:, 0].tolist() == [0.0, 20.0]  # a tie gives margin 0 exactly
+    assert ent[0, 0] == pytest.approx(np.log(3), rel=1e-6)
+    assert el2n[0, 0] == pytest.approx(np.sqrt((2 / 3) ** 2 + 2 / 9), rel=1e-6)
+    assert el2n[1, 0] == pytest.approx(np.sqrt(2) * np.exp(-20), rel=1e-3)  # no cancellation near g = 1
+    p1 = np.exp(np.float32(20.0)) / (np.exp(np.float32(20.0)) + 2)
+    assert kl[0, 0] == pytest.approx(p1 * np.log((p1 + 1e-8) / (1 / 3 + 1e-8)), rel=1e-5)
+    assert akl[0, 0] >= kl[0, 0]
+
+
+@needs_native
+def test_native_block_with_minus_inf_goes_eager():
+    z, y = _logits(6, 20, 5)
+    z[2, 3, 1] = -np.inf
+    resolved = _all_methods(6)
+    eager = compute_block(z, y, resolved, kernel="eager")
+    fast = compute_block(z, y, resolved, kernel="native")
+    for name in eager:
+        np.testing.assert_array_equal(fast[name], eager[name], err_msg=name)
+
+
+def test_resolve_kernel_names_and_devices():
+    assert resolve_kernel("eager", device="cpu") == "eager"
+    assert resolve_kernel("auto", device="cuda") == "eager"
+    assert resolve_kernel("auto", device="cpu") == ("native" if native.available() else "eager")
+    with pytest.raises(ScoreParamError, match=r"score.kernel.*'fast'.*auto, eager, native"):
+        resolve_kernel("fast", device="cpu")
+    with pytest.raises(ScoreParamError, match=r"score.kernel.*native.*CPU only"):
+        resolve_kernel("native", device="cuda")
+    with pytest.raises(ScoreParamError, match="score.kernel"):
+        compute_block(*_logits(3, 4, 3), _all_methods(3), kernel="auto")
+
+
+def test_no_compiler_falls_back_to_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDDYUN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_LIB", None)
+    assert not native.available()
+    assert resolve_kernel("auto", device="cpu") == "eager"
+    with pytest.raises(ScoreParamError, match=r"score.kernel.*no working C compiler"):
+        resolve_kernel("native", device="cpu")
+    monkeypatch.setattr(native, "_LIB", None)  # the next test loads the real one again
+
+
+@needs_native
+def test_kernel_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDDYUN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_LIB", None)
+    assert native.available()
+    path = native.kernel_path()
+    assert path.parent == tmp_path / "kernels" and path.is_file()
+    assert list(path.parent.iterdir()) == [path]  # no temporary left behind
+    monkeypatch.setattr(native, "_LIB", None)
+    stamp = path.stat().st_mtime_ns
+    assert native.available() and path.stat().st_mtime_ns == stamp  # reused, not rebuilt
