@@ -208,7 +208,8 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
 
     The block is scored in slices of ``slice_samples`` samples (every score is per sample, so
     this is exact): the score functions' temporaries (softmax, log-softmax, divergences: several
-    times their input) then scale with the slice, not with the block read from the store.
+    times their input) then scale with the slice, not with the block read from the store. The
+    native kernel's temporaries are a few floats per sample, so it takes the block whole.
     """
     import torch
 
@@ -226,6 +227,9 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     bad_samples = 0
     pieces: dict[str, list[np.ndarray]] = {}
     block = torch.from_numpy(np.ascontiguousarray(x))  # the store's dtype (float32 or float16)
+    if kernel == "native" and block.dtype == torch.float32:
+        # the native kernel's temporaries are per sample, not per element: one slice, no copy
+        slice_samples = n
     for start in range(0, n, slice_samples):
         part = block[:, start:start + slice_samples]  # (T, k, C), a view
         # NaN/inf check: a row of a sample-epoch sums to NaN/inf if it holds any (a fast fused
@@ -239,7 +243,8 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
             continue  # this block is reported, not scored; keep counting
         # the strided view: compute_block makes the contiguous float32 copy (its own, which it
         # may then use as scratch space)
-        outputs = compute_block(part, labels[start:start + slice_samples], resolved, device=device, kernel=kernel)
+        outputs = compute_block(part, labels[start:start + slice_samples], resolved, device=device, kernel=kernel,
+                                finite=True)  # checked just above
         for name, values in outputs.items():
             values = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
             if values.shape != (part.shape[1],):

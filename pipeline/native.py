@@ -4,7 +4,8 @@ Every score of docs/scores.md is made of a few per-(epoch, sample) quantities: t
 probability g, the margin, the entropy, the EL2N norm and the two depth-one divergences. The
 eager path (``pipeline.scores.BlockTensors``) computes them as a chain of torch ops, a dozen
 passes over the (T, n, C) logits. This kernel computes all of them in one pass, one row of C
-logits at a time with the previous epoch's row kept in L1, with the exp and log vectorised by
+logits at a time, epoch by epoch (the previous epoch's P and log P kept per sample), with the
+exp and log vectorised by
 glibc's libmvec. It is C compiled here with the system's C compiler (``cc -O3 -march=native
 -ffast-math``) into a cache folder keyed by the source, the flags and the CPU, and loaded with
 ctypes (which releases the GIL, so dask's threads run it in parallel). Where no compiler works,
@@ -41,16 +42,18 @@ SOURCE = r"""
 /* z (T, n, C) float32, rows contiguous; y (n,) int64 in [0, C).
    Out (T, n): gold = P[y], margin = z[y] - max_{c != y} z[c], ent = H(P), el2n = ||P - onehot||.
    Out (T-1, n): kl[t] = sum_c P[t+1] (log(P[t+1]+eps) - log(P[t]+eps)), akl = the same with |.|.
-   work: 4 C floats of scratch. */
+   Epoch-major, so z is read once, in order; work (4 n C floats) holds P and log(P+eps) of the
+   current and the previous epoch for every sample. */
 void epoch_statistics(const float *z, const int64_t *y, int64_t T, int64_t n, int64_t C, float eps,
                       float *gold, float *margin, float *ent, float *el2n, float *kl, float *akl,
                       float *work)
 {
-    float *p = work, *lp = work + C, *p_prev = work + 2 * C, *lp_prev = work + 3 * C;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t yi = y[i];
-        for (int64_t t = 0; t < T; t++) {
+    float *P = work, *LP = work + n * C, *P_prev = work + 2 * n * C, *LP_prev = work + 3 * n * C;
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t yi = y[i];
             const float *row = z + ((size_t)t * n + i) * C;
+            float *p = P + (size_t)i * C, *lp = LP + (size_t)i * C;
             float m = -FLT_MAX, other = -FLT_MAX;
             for (int64_t c = 0; c < C; c++) {
                 m = fmaxf(m, row[c]);
@@ -61,9 +64,10 @@ void epoch_statistics(const float *z, const int64_t *y, int64_t T, int64_t n, in
                 p[c] = expf(row[c] - m);
                 s += p[c];
             }
+            const float inv = 1.0f / s;
             float sh = 0.0f, sq = 0.0f;
             for (int64_t c = 0; c < C; c++) {
-                p[c] = p[c] / s;
+                p[c] = p[c] * inv;
                 sh += p[c] * (row[c] - m);
                 sq += c == yi ? 0.0f : p[c] * p[c];
                 lp[c] = logf(p[c] + eps);
@@ -75,18 +79,19 @@ void epoch_statistics(const float *z, const int64_t *y, int64_t T, int64_t n, in
             ent[o] = logf(s) - sh;
             el2n[o] = sqrtf(sq + (g - 1.0f) * (g - 1.0f));
             if (t > 0) {
+                const float *lq = LP_prev + (size_t)i * C;
                 float a = 0.0f, b = 0.0f;
                 for (int64_t c = 0; c < C; c++) {
-                    const float d = p[c] * (lp[c] - lp_prev[c]);
+                    const float d = p[c] * (lp[c] - lq[c]);
                     a += d;
                     b += fabsf(d);
                 }
                 kl[(size_t)(t - 1) * n + i] = a;
                 akl[(size_t)(t - 1) * n + i] = b;
             }
-            float *swap = p; p = p_prev; p_prev = swap;
-            swap = lp; lp = lp_prev; lp_prev = swap;
         }
+        float *swap = P; P = P_prev; P_prev = swap;
+        swap = LP; LP = LP_prev; LP_prev = swap;
     }
 }
 """
@@ -162,7 +167,7 @@ def epoch_statistics(z: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarr
         raise ValueError(f"labels: expected shape ({n},), found {y.shape}")
     per_epoch = np.empty((4, T, n), dtype=np.float32)
     pairs = np.empty((2, max(T - 1, 0), n), dtype=np.float32)
-    work = np.empty(4 * C, dtype=np.float32)
+    work = np.empty(4 * n * C, dtype=np.float32)  # P, log(P+eps): this epoch and the last
     f32 = ctypes.POINTER(ctypes.c_float)
 
     def ptr(a: np.ndarray):

@@ -915,7 +915,8 @@ def _block_outputs(name: str, p: Mapping, b: BlockTensors) -> dict[str, torch.Te
 
 
 def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
-                  device: str | torch.device = "cpu", kernel: str = "eager") -> dict[str, np.ndarray]:
+                  device: str | torch.device = "cpu", kernel: str = "eager",
+                  finite: bool = False) -> dict[str, np.ndarray]:
     """Every block-local output of every resolved method for one block of samples.
 
     logits: (T, n, C) numpy or torch, any float dtype, T >= ``epochs_needed(resolved)`` (extra
@@ -925,7 +926,8 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     Returns name -> (n,) float32 numpy. NaN/inf checks on the logits are the caller's.
     kernel: ``eager`` (torch ops) or ``native`` (``pipeline.native``'s one-pass kernel, CPU only,
     the same values to float32 rounding; a block with a non-finite logit goes eager); resolve
-    ``auto`` first with ``resolve_kernel``.
+    ``auto`` first with ``resolve_kernel``. finite: the caller has checked that every logit is
+    finite (skips that check, one pass over the block).
     """
     need = epochs_needed(resolved)
     block = BlockTensors(logits, labels, device=device,
@@ -943,7 +945,7 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     with torch.no_grad():
         div_epochs, div_kinds = _divergence_plan(resolved)
         if (kernel == "native" and block.logits.device.type == "cpu" and need >= 2
-                and bool(torch.isfinite(block.logits[:need].sum(dim=-1)).all())):
+                and (finite or bool(torch.isfinite(block.logits[:need].sum(dim=-1)).all()))):
             block.use_native(need)
         elif div_kinds and 3 <= div_epochs <= block.logits.shape[0]:
             block.plan_divergences(div_epochs, div_kinds)  # one pass for tdds and tsdd
