@@ -7,7 +7,7 @@ passes over the (T, n, C) logits. This kernel computes all of them in one pass, 
 logits at a time, epoch by epoch (the previous epoch's P and log P kept per sample), with the
 exp and log vectorised by
 glibc's libmvec. It is C compiled here with the system's C compiler (``cc -O3 -march=native
--ffast-math``) into a cache folder keyed by the source, the flags and the CPU, and loaded with
+-ffast-math``, linked without it) into a cache folder keyed by the source, the flags and the CPU, and loaded with
 ctypes (which releases the GIL, so dask's threads run it in parallel). Where no compiler works,
 ``available()`` is False and the eager path is used: the results are the same to float32
 rounding (tests/test_native.py).
@@ -31,7 +31,11 @@ import numpy as np
 
 __all__ = ["available", "epoch_statistics", "kernel_path"]
 
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+# Compiled with -ffast-math (libmvec's vector exp/log need it) but linked without it: a shared
+# object linked with -ffast-math carries crtfastmath.o (GCC < 13), whose constructor turns on
+# flush-to-zero for the whole process when the library loads (tests/test_native.py checks not).
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
+LINK_FLAGS = ["-shared"]
 
 SOURCE = r"""
 #include <math.h>
@@ -113,7 +117,8 @@ def _cpu_signature() -> str:
 def kernel_path() -> Path:
     """Where the compiled kernel for this source, these flags and this CPU is cached."""
     root = Path(os.environ.get("TDDYUN_CACHE") or Path.home() / ".cache" / "tddyun") / "kernels"
-    key = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS), _cpu_signature()]).encode()).hexdigest()[:16]
+    recipe = repr((FLAGS, "-c", LINK_FLAGS, "-lm"))  # how it is built, so a change rebuilds it
+    key = hashlib.sha256("\0".join([SOURCE, recipe, _cpu_signature()]).encode()).hexdigest()[:16]
     return root / f"epoch_statistics-{key}.so"
 
 
@@ -123,9 +128,11 @@ def _compile(target: Path) -> None:
         raise OSError("no C compiler (cc, gcc or $CC) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+        src, obj, out = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
         src.write_text(SOURCE)
-        subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True,
+                       timeout=120)
+        subprocess.run([compiler, *LINK_FLAGS, str(obj), "-o", str(out), "-lm"], check=True, capture_output=True,
                        timeout=120)
         os.replace(out, target)  # atomic: a concurrent process sees the whole file or none
 

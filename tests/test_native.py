@@ -36,6 +36,14 @@ def test_native_equals_eager_for_every_score(T, n, C, scale):
 
 
 @needs_native
+def test_loading_the_kernel_keeps_subnormals():
+    """-ffast-math at link time would add crtfastmath.o, which sets flush-to-zero process-wide."""
+    native.epoch_statistics(*_logits(3, 2, 3), 1e-8)
+    tiny = np.float32(1e-38) / np.float32(100)  # a subnormal float32, 0 under flush-to-zero
+    assert tiny > 0 and np.float64(1e-308) / 1e10 > 0
+
+
+@needs_native
 def test_native_statistics_on_hand_values():
     # two epochs, one sample, three classes: uniform, then all mass on class 0 (up to exp(-20))
     z = np.array([[[0.0, 0.0, 0.0]], [[20.0, 0.0, 0.0]]], dtype=np.float32)
