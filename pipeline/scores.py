@@ -692,6 +692,12 @@ def epochs_needed(resolved: Mapping[str, Mapping]) -> int:
 KERNELS = ("auto", "eager", "native")
 
 
+def _native_available() -> bool:
+    from . import native
+
+    return native.available()
+
+
 def resolve_kernel(kernel: str, *, device: str) -> str:
     """``auto`` -> ``native`` on the CPU when it compiles and loads here, else ``eager``.
     ``native`` is CPU only; asking for it where it is not available is an error."""
@@ -944,7 +950,8 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
         raise _error("score.kernel", kernel, "eager or native (resolve auto first)")
     with torch.no_grad():
         div_epochs, div_kinds = _divergence_plan(resolved)
-        if (kernel == "native" and block.logits.device.type == "cpu" and need >= 2
+        # a worker without a C compiler (the kernel was resolved on the client) goes eager too
+        if (kernel == "native" and block.logits.device.type == "cpu" and need >= 2 and _native_available()
                 and (finite or bool(torch.isfinite(block.logits[:need].sum(dim=-1)).all()))):
             block.use_native(need)
         elif div_kinds and 3 <= div_epochs <= block.logits.shape[0]:
