@@ -172,6 +172,10 @@ def epoch_statistics(z: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarr
     T, n, C = z.shape
     if y.shape != (n,):
         raise ValueError(f"labels: expected shape ({n},), found {y.shape}")
+    if C < 2:
+        raise ValueError(f"logits: expected C >= 2 classes, found C = {C}")
+    if n and (int(y.min()) < 0 or int(y.max()) >= C):  # the kernel indexes rows by label: never out of range
+        raise ValueError(f"labels: expected values in [0, {C - 1}], found [{int(y.min())}, {int(y.max())}]")
     per_epoch = np.empty((4, T, n), dtype=np.float32)
     pairs = np.empty((2, max(T - 1, 0), n), dtype=np.float32)
     work = np.empty(4 * n * C, dtype=np.float32)  # P, log(P+eps): this epoch and the last

@@ -59,6 +59,15 @@ def test_native_statistics_on_hand_values():
 
 
 @needs_native
+def test_native_refuses_labels_it_would_index_out_of_range():
+    z, _ = _logits(3, 4, 5)
+    with pytest.raises(ValueError, match=r"labels: expected values in \[0, 4\], found \[0, 5\]"):
+        native.epoch_statistics(z, np.array([0, 1, 5, 2]), 1e-8)
+    with pytest.raises(ValueError, match=r"labels: expected shape \(4,\)"):
+        native.epoch_statistics(z, np.array([0, 1]), 1e-8)
+
+
+@needs_native
 def test_native_block_with_minus_inf_goes_eager():
     z, y = _logits(6, 20, 5)
     z[2, 3, 1] = -np.inf
