@@ -248,6 +248,11 @@ def balanced_subset(labels: np.ndarray, k: int, *, seed: int, field: str = "data
     return np.sort(np.concatenate(picked))
 
 
+def eval_split_of(cfg: DataConfig) -> str:
+    """The split every accuracy is measured on: ``validation`` when data.validation is set, else ``test``."""
+    return "test" if cfg.validation is None else "validation"
+
+
 def load_data(cfg: DataConfig) -> DataSplits:
     """The configured data set's train and evaluation splits.
 
@@ -260,16 +265,15 @@ def load_data(cfg: DataConfig) -> DataSplits:
     train, test = DATASETS[cfg.name](cfg)
     if cfg.subset is not None:
         train = train.take(balanced_subset(train.y.numpy(), cfg.subset, seed=cfg.seed))
-    eval_split = "test"
     if cfg.validation is not None:
         # its own seed stream: changing the validation size never reshuffles the subset
         held = balanced_subset(train.y.numpy(), cfg.validation, seed=cfg.seed + 1_000_003,
                                field="data.validation", largest=len(train) - 1)
         rest = np.setdiff1d(np.arange(len(train)), held)
-        train, test, eval_split = train.take(rest), train.take(held), "validation"
+        train, test = train.take(rest), train.take(held)
     info = {"name": cfg.name, "split": "train", "subset": cfg.subset, "root": cfg.root,
             "num_train": len(train), "num_test": len(test), "validation": cfg.validation,
-            "eval_split": eval_split}
+            "eval_split": eval_split_of(cfg)}
     return DataSplits(cfg.name, train, test, info)
 
 

@@ -14,7 +14,7 @@ from store.logits import LogitWriter, create_logit_store, labels_fingerprint, op
 from store.schema import StoreError
 
 from .config import Config, config_to_dict
-from .data import load_data
+from .data import eval_split_of, load_data
 from .models import build_model
 from .provenance import versions
 from .train import FitResult, fit, seed_everything
@@ -130,7 +130,7 @@ def training_metrics(cfg: Config, result: FitResult, *, num_train: int) -> dict[
     return {
         "final_test_accuracy": test[-1] if test else None,
         "best_test_accuracy": max(test) if test else None,
-        "evaluated_on": "test" if cfg.data.validation is None else "validation",
+        "evaluated_on": eval_split_of(cfg.data),
         "epochs": len(history),
         "num_train": num_train,
         # the sum of per-epoch times, so a resumed run reports the time of all its epochs

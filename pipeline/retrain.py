@@ -14,7 +14,7 @@ from store.artifacts import atomic_path, read_json
 from store.logits import labels_fingerprint
 
 from .config import Config, config_to_dict
-from .data import DataSplits, load_data
+from .data import DataSplits, eval_split_of, load_data
 from .models import build_model
 from .provenance import versions
 from .train import fit, seed_everything
@@ -79,7 +79,7 @@ def retrain_on(
     test = [h["test_accuracy"] for h in result.history if "test_accuracy" in h]
     return {
         "final_test_accuracy": test[-1],  # the one reported (on the validation split if evaluated_on says so)
-        "evaluated_on": data.info.get("eval_split", "test"),
+        "evaluated_on": eval_split_of(cfg.data),
         "best_test_accuracy": max(test),
         "kept_fraction": len(keep_ids) / n,
         "n_keep": int(len(keep_ids)),

@@ -47,6 +47,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from . import native
+
 __all__ = [
     "EPS",
     "ScoreParamError",
@@ -692,17 +694,9 @@ def epochs_needed(resolved: Mapping[str, Mapping]) -> int:
 KERNELS = ("auto", "eager", "native")
 
 
-def _native_available() -> bool:
-    from . import native
-
-    return native.available()
-
-
 def resolve_kernel(kernel: str, *, device: str) -> str:
     """``auto`` -> ``native`` on the CPU when it compiles and loads here, else ``eager``.
     ``native`` is CPU only; asking for it where it is not available is an error."""
-    from . import native
-
     if kernel not in KERNELS:
         raise _error("score.kernel", kernel, f"one of {', '.join(KERNELS)}")
     on_cpu = str(device) == "cpu"
@@ -760,8 +754,6 @@ class BlockTensors:
         """Take g, the margin, both divergences and the per-epoch entropy and el2n of the first T
         epochs from the native one-pass kernel (``pipeline.native``) instead of op by op.
         Finite float32 logits on the CPU only (the caller checks)."""
-        from . import native
-
         z = self.logits[:T]
         gold, margin, entropy_t, el2n_t, kl, abs_kl = (
             torch.from_numpy(a) for a in native.epoch_statistics(z.numpy(), self.labels.numpy(), EPS))
@@ -951,7 +943,7 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     with torch.no_grad():
         div_epochs, div_kinds = _divergence_plan(resolved)
         # a worker without a C compiler (the kernel was resolved on the client) goes eager too
-        if (kernel == "native" and block.logits.device.type == "cpu" and need >= 2 and _native_available()
+        if (kernel == "native" and block.logits.device.type == "cpu" and need >= 2 and native.available()
                 and (finite or bool(torch.isfinite(block.logits[:need].sum(dim=-1)).all()))):
             block.use_native(need)
         elif div_kinds and 3 <= div_epochs <= block.logits.shape[0]:

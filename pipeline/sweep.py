@@ -23,7 +23,7 @@ from store.logits import open_logits
 
 from .compute import check_labels, score_store
 from .config import Config
-from .data import load_data
+from .data import eval_split_of, load_data
 from .prune import make_keep_list
 from .retrain import retrain_on
 from .scores import resolve_methods
@@ -168,5 +168,4 @@ def _write_outputs(cfg: Config, root: Path, cells: list[dict], rows: list[dict])
         tmp.write_text("\n".join([",".join(TABLE_COLUMNS)] + [",".join(str(r[k]) for k in TABLE_COLUMNS)
                                                               for r in rows]) + "\n")
     with atomic_path(root / "table.md") as tmp:
-        split = "test" if cfg.data.validation is None else "validation"
-        tmp.write_text(markdown_table(rows, full_accuracy=full, split=split))
+        tmp.write_text(markdown_table(rows, full_accuracy=full, split=eval_split_of(cfg.data)))

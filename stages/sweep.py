@@ -30,6 +30,7 @@ def _rates(text: str) -> list[float]:
 @user_errors
 def sweep(params_file, overrides, methods, rates, seeds, workers, scheduler, scheduler_file):
     """Rescore one store and retrain for every (method, rate, seed); resumable. Writes table.md/csv."""
+    from pipeline.data import eval_split_of
     from pipeline.sweep import markdown_table, run_sweep
     from store.artifacts import read_json
 
@@ -41,6 +42,5 @@ def sweep(params_file, overrides, methods, rates, seeds, workers, scheduler, sch
 
     full = Path(cfg.paths.sweep) / "full.json"
     full_acc = read_json(full)["final_test_accuracy"] if full.is_file() else None
-    split = "test" if cfg.data.validation is None else "validation"
-    click.echo(markdown_table(rows, full_accuracy=full_acc, split=split))
+    click.echo(markdown_table(rows, full_accuracy=full_acc, split=eval_split_of(cfg.data)))
     click.echo(f"written: {cfg.paths.sweep}/table.md, table.csv, cells.csv")
