@@ -45,11 +45,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
 
     t0 = time.perf_counter()
-    store_path = Path(cfg.paths.store)
-    complete = store_path.exists() and open_logits(store_path).epochs_complete == cfg.train.epochs
-    if not complete:
-        record_training(cfg, resume=store_path.exists(), progress=False)
-    stage_one = read_json(cfg.paths.train_metrics)
+    stage_one = ensure_stage_one(cfg)
     t1 = time.perf_counter()
     sweep_cfg = load_config(args.params, args.overrides + ["train.test_every=0"])
     rows = run_sweep(sweep_cfg, methods=methods, rates=rates, seeds=args.seeds)
@@ -77,15 +73,31 @@ def main() -> None:
         END,
     ])
     print(text)
-    out = Path(args.out)
+    out = write_section(Path(args.out), text, BEGIN, END,
+                        heading="Accuracy against pruning rate (CIFAR-10, 10k subset)")
+    print(f"\nwritten to {out} (stage one {t1 - t0:.0f}s, sweep {t2 - t1:.0f}s)")
+
+
+def ensure_stage_one(cfg) -> dict:
+    """Train and record stage one unless its store is complete (resuming a partial one);
+    returns stage one's metrics."""
+    store_path = Path(cfg.paths.store)
+    if not (store_path.exists() and open_logits(store_path).epochs_complete == cfg.train.epochs):
+        record_training(cfg, resume=store_path.exists(), progress=False)
+    return read_json(cfg.paths.train_metrics)
+
+
+def write_section(out: Path, text: str, begin: str, end: str, *, heading: str) -> Path:
+    """Replace the text between the ``begin``/``end`` markers of ``out`` (``text`` holds both);
+    without them, append it under ``heading``."""
     doc = out.read_text() if out.exists() else "# Benchmarks\n\n"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + text + doc[doc.index(end) + len(end):]
     else:
-        doc = doc.rstrip() + "\n\n## Accuracy against pruning rate (CIFAR-10, 10k subset)\n\n" + text + "\n"
+        doc = doc.rstrip() + f"\n\n## {heading}\n\n" + text + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc)
-    print(f"\nwritten to {out} (stage one {t1 - t0:.0f}s, sweep {t2 - t1:.0f}s)")
+    return out
 
 
 def read_cells(path: Path) -> list[dict]:

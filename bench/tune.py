@@ -21,12 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for its sibling quality.py
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.record import record_training  # noqa: E402
 from pipeline.sweep import run_sweep  # noqa: E402
-from store.artifacts import read_json  # noqa: E402
-from store.logits import open_logits  # noqa: E402
+from quality import ensure_stage_one, write_section  # noqa: E402
 
 REFERENCES = ["random", "dyun", "tdds"]
 TD = "score.methods.td_dyun"
@@ -70,10 +69,7 @@ def main() -> None:
     cfg = load_config(args.params)
     if cfg.data.validation is None:
         parser.error(f"--params {args.params}: data.validation is null; tuning must not evaluate on the test set")
-    store_path = Path(cfg.paths.store)
-    if not (store_path.exists() and open_logits(store_path).epochs_complete == cfg.train.epochs):
-        record_training(cfg, resume=store_path.exists(), progress=False)
-    stage_one = read_json(cfg.paths.train_metrics)
+    stage_one = ensure_stage_one(cfg)
 
     results: dict[str, list[dict]] = {}  # row label -> sweep rows
     for name in names:
@@ -85,13 +81,7 @@ def main() -> None:
             results.setdefault(label, []).append(row)
     text = "\n".join([BEGIN, _table(results, names, rates, args, cfg, stage_one, time.perf_counter() - t0), END])
     print(text)
-    out = Path(args.out)
-    doc = out.read_text()
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n## Choosing TD-DyUn's defaults on a validation split\n\n" + text + "\n"
-    out.write_text(doc)
+    out = write_section(Path(args.out), text, BEGIN, END, heading="Choosing TD-DyUn's defaults on a validation split")
     print(f"\nwritten to {out}")
 
 
