@@ -213,7 +213,8 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     """
     import torch
 
-    from pipeline.scores import compute_block
+    from pipeline.native import NonFiniteLogits
+    from pipeline.scores import compute_block, native_checks
 
     epochs = task_epochs
     _tune_malloc()
@@ -227,24 +228,28 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     bad_samples = 0
     pieces: dict[str, list[np.ndarray]] = {}
     block = torch.from_numpy(np.ascontiguousarray(x))  # the store's dtype (float32 or float16)
-    if kernel == "native" and block.dtype == torch.float32:
+    # the native kernel checks every logit for NaN/inf in its own pass: no separate check here
+    kernel_checks = native_checks(kernel, device=device, resolved=resolved)
+    if kernel_checks and block.dtype == torch.float32:
         # the native kernel's temporaries are per sample, not per element: one slice, no copy
         slice_samples = n
     for start in range(0, n, slice_samples):
         part = block[:, start:start + slice_samples]  # (T, k, C), a view
         # NaN/inf check: a row of a sample-epoch sums to NaN/inf if it holds any (a fast fused
         # reduction); only then (or on an overflowing sum) the exact per-element check
-        if not bool(torch.isfinite(part.sum(dim=2)).all()):
-            finite = torch.isfinite(part).all(dim=2).numpy()  # (T, k)
-            if not finite.all():
-                bad_per_epoch += (~finite).sum(axis=1)
-                bad_samples += int((~finite).any(axis=0).sum())
+        check_first = bad_samples or not kernel_checks
+        if check_first and not bool(torch.isfinite(part.sum(dim=2)).all()):
+            bad_samples += _count_nonfinite(part, bad_per_epoch)
         if bad_samples:
             continue  # this block is reported, not scored; keep counting
-        # the strided view: compute_block makes the contiguous float32 copy (its own, which it
-        # may then use as scratch space)
-        outputs = compute_block(part, labels[start:start + slice_samples], resolved, device=device, kernel=kernel,
-                                finite=True)  # checked just above
+        try:
+            # the strided view: compute_block makes the contiguous float32 copy (its own, which
+            # it may then use as scratch space)
+            outputs = compute_block(part, labels[start:start + slice_samples], resolved, device=device,
+                                    kernel=kernel, nonfinite="raise")
+        except NonFiniteLogits:  # found by the native kernel: count exactly, report the block
+            bad_samples += _count_nonfinite(part, bad_per_epoch)
+            continue
         for name, values in outputs.items():
             values = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
             if values.shape != (part.shape[1],):
@@ -258,6 +263,16 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     del part, block, x
     _release_free_memory()
     return holder
+
+
+def _count_nonfinite(part, bad_per_epoch: np.ndarray) -> int:
+    """Samples of ``part`` (T, k, C) holding NaN or inf in any epoch; adds each epoch's count of
+    such samples to ``bad_per_epoch`` (T,)."""
+    import torch
+
+    finite = torch.isfinite(part).all(dim=2).numpy()  # (T, k)
+    bad_per_epoch += (~finite).sum(axis=1)
+    return int((~finite).any(axis=0).sum())
 
 
 _LIBC: Any = None  # glibc via ctypes, False where absent; loaded once per process

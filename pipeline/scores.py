@@ -753,7 +753,8 @@ class BlockTensors:
     def use_native(self, T: int) -> None:
         """Take g, the margin, both divergences and the per-epoch entropy and el2n of the first T
         epochs from the native one-pass kernel (``pipeline.native``) instead of op by op.
-        Finite float32 logits on the CPU only (the caller checks)."""
+        Float32 logits on the CPU only; raises ``native.NonFiniteLogits`` (changing nothing) if
+        any of them is NaN or inf."""
         z = self.logits[:T]
         gold, margin, entropy_t, el2n_t, kl, abs_kl = (
             torch.from_numpy(a) for a in native.epoch_statistics(z.numpy(), self.labels.numpy(), EPS))
@@ -912,9 +913,16 @@ def _block_outputs(name: str, p: Mapping, b: BlockTensors) -> dict[str, torch.Te
     raise AssertionError(f"no block computation for registered score {name!r}")
 
 
+def native_checks(kernel: str, *, device: str | torch.device, resolved: Mapping[str, Mapping]) -> bool:
+    """Whether ``compute_block`` will run the native kernel (which checks every logit for NaN/inf
+    itself, so the caller need not): ``kernel`` native, on the CPU, T >= 2, the kernel loaded."""
+    return (kernel == "native" and torch.device(device).type == "cpu" and epochs_needed(resolved) >= 2
+            and native.available())
+
+
 def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
                   device: str | torch.device = "cpu", kernel: str = "eager",
-                  finite: bool = False) -> dict[str, np.ndarray]:
+                  nonfinite: str = "eager") -> dict[str, np.ndarray]:
     """Every block-local output of every resolved method for one block of samples.
 
     logits: (T, n, C) numpy or torch, any float dtype, T >= ``epochs_needed(resolved)`` (extra
@@ -924,8 +932,9 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     Returns name -> (n,) float32 numpy. NaN/inf checks on the logits are the caller's.
     kernel: ``eager`` (torch ops) or ``native`` (``pipeline.native``'s one-pass kernel, CPU only,
     the same values to float32 rounding; a block with a non-finite logit goes eager); resolve
-    ``auto`` first with ``resolve_kernel``. finite: the caller has checked that every logit is
-    finite (skips that check, one pass over the block).
+    ``auto`` first with ``resolve_kernel``. nonfinite: what the native kernel does with a block
+    holding NaN or inf: ``eager`` scores it with the eager path (where -inf is legal and NaN gives
+    NaN), ``raise`` raises ``native.NonFiniteLogits`` (stage two then reports the block).
     """
     need = epochs_needed(resolved)
     block = BlockTensors(logits, labels, device=device,
@@ -940,13 +949,20 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     out: dict[str, np.ndarray] = {}
     if kernel not in ("eager", "native"):
         raise _error("score.kernel", kernel, "eager or native (resolve auto first)")
+    if nonfinite not in ("eager", "raise"):
+        raise ValueError(f"nonfinite = {nonfinite!r}: expected eager or raise")
     with torch.no_grad():
         div_epochs, div_kinds = _divergence_plan(resolved)
         # a worker without a C compiler (the kernel was resolved on the client) goes eager too
-        if (kernel == "native" and block.logits.device.type == "cpu" and need >= 2 and native.available()
-                and (finite or bool(torch.isfinite(block.logits[:need].sum(dim=-1)).all()))):
-            block.use_native(need)
-        elif div_kinds and 3 <= div_epochs <= block.logits.shape[0]:
+        on_native = native_checks(kernel, device=block.logits.device, resolved=resolved)
+        if on_native:
+            try:
+                block.use_native(need)
+            except native.NonFiniteLogits:
+                if nonfinite == "raise":
+                    raise
+                on_native = False
+        if not on_native and div_kinds and 3 <= div_epochs <= block.logits.shape[0]:
             block.plan_divergences(div_epochs, div_kinds)  # one pass for tdds and tsdd
         for name, params in resolved.items():
             for key, value in _block_outputs(name, params, block).items():

@@ -149,8 +149,9 @@ def test_too_few_complete_epochs_names_store_needed_and_method(make_store):
     assert str(path) in message and "8" in message and "el2n" in message and "4" in message
 
 
+@pytest.mark.parametrize("kernel", ["eager", "auto"])  # auto: the native kernel's own check, where it builds
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nonfinite_logits_name_epoch_and_count(make_store, bad):
+def test_nonfinite_logits_name_epoch_and_count(make_store, bad, kernel):
     def poison(z):
         z = z.copy()
         z[3, [5, 70, 71], 1] = bad  # three samples in two blocks at epoch 3
@@ -160,7 +161,7 @@ def test_nonfinite_logits_name_epoch_and_count(make_store, bad):
     path, *_ = make_store(n=128, classes=4, epochs=8, chunk=16, mutate=poison)
     store = open_logits(path)
     with pytest.raises(StoreError) as info:
-        compute.score_store(store, _resolve({"el2n": {"trajectory": 8}}, 8), block_mb=_mb(32, 8, 4))
+        compute.score_store(store, _resolve({"el2n": {"trajectory": 8}}, 8), block_mb=_mb(32, 8, 4), kernel=kernel)
     message = str(info.value)
     assert str(path) in message
     assert "epoch 3" in message and "3 samples" in message and "NaN or inf" in message

@@ -68,6 +68,22 @@ def test_native_refuses_labels_it_would_index_out_of_range():
 
 
 @needs_native
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_native_kernel_counts_nonfinite_rows(bad):
+    z, y = _logits(5, 30, 100)  # C = 100: the check must cover the rows' vector part and their tail
+    z[0, 0, 0] = z[2, 3, 97] = z[2, 29, 99] = z[4, 29, 50] = bad
+    z[2, 3, 5] = bad  # a second bad logit in a row already counted
+    with pytest.raises(native.NonFiniteLogits, match="4 rows") as info:
+        native.epoch_statistics(z, y, 1e-8)
+    assert info.value.rows == 4
+    with pytest.raises(native.NonFiniteLogits):
+        compute_block(z, y, _all_methods(5), kernel="native", nonfinite="raise")
+    z[~np.isfinite(z)] = 3e38  # near the largest float32: finite, so scored
+    gold, margin = native.epoch_statistics(z, y, 1e-8)[:2]
+    assert np.isfinite(gold).all()
+
+
+@needs_native
 def test_native_block_with_minus_inf_goes_eager():
     z, y = _logits(6, 20, 5)
     z[2, 3, 1] = -np.inf
