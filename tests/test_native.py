@@ -25,7 +25,8 @@ def _all_methods(T):
 
 @needs_native
 @pytest.mark.parametrize("T,n,C,scale", [(12, 300, 7, 1.0), (5, 40, 100, 3.0), (4, 1, 2, 0.5), (6, 64, 10, 8.0),
-                                         (8, 50, 30, 60.0)])  # 60: gaps of hundreds, below the exp clamp
+                                         (8, 50, 30, 60.0),  # 60: gaps of hundreds, below the exp clamp
+                                         (4, 7, 1000, 2.0)])  # C >= 512: tiles of one sample
 def test_native_equals_eager_for_every_score(T, n, C, scale):
     z, y = _logits(T, n, C, seed=T * n, scale=scale)
     resolved = _all_methods(T)
