@@ -213,8 +213,7 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     """
     import torch
 
-    from pipeline.native import NonFiniteLogits
-    from pipeline.scores import compute_block, native_checks
+    from pipeline.scores import native_checks
 
     epochs = task_epochs
     _tune_malloc()
@@ -225,7 +224,6 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     if device != "cpu":
         check_device(device)  # on the worker: a cluster's workers may lack the GPU
     bad_per_epoch = np.zeros(epochs, dtype=np.int64)  # (T,) samples with NaN/inf, per epoch
-    bad_samples = 0
     pieces: dict[str, list[np.ndarray]] = {}
     block = torch.from_numpy(np.ascontiguousarray(x))  # the store's dtype (float32 or float16)
     # the native kernel checks every logit for NaN/inf in its own pass: no separate check here
@@ -233,6 +231,27 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
     if kernel_checks and block.dtype == torch.float32:
         # the native kernel's temporaries are per sample, not per element: one slice, no copy
         slice_samples = n
+    bad_samples = _score_slices(block, labels, resolved, device=device, kernel=kernel, kernel_checks=kernel_checks,
+                                slice_samples=slice_samples, bad_per_epoch=bad_per_epoch, pieces=pieces)
+    if bad_samples:
+        holder[0, 0, 0] = {_NONFINITE: (bad_per_epoch, bad_samples)}
+    else:
+        holder[0, 0, 0] = {name: np.concatenate(parts) for name, parts in pieces.items()}
+    del block, x
+    return holder
+
+
+def _score_slices(block, labels: np.ndarray, resolved: dict, *, device: str, kernel: str, kernel_checks: bool,
+                  slice_samples: int, bad_per_epoch: np.ndarray, pieces: dict[str, list[np.ndarray]]) -> int:
+    """Score ``block`` (T, n, C) slice by slice into ``pieces`` (name -> per-slice arrays); returns
+    the number of samples with NaN/inf (counted into ``bad_per_epoch``; then nothing is scored)."""
+    import torch
+
+    from pipeline.native import NonFiniteLogits
+    from pipeline.scores import compute_block
+
+    bad_samples = 0
+    n = block.shape[1]
     for start in range(0, n, slice_samples):
         part = block[:, start:start + slice_samples]  # (T, k, C), a view
         # NaN/inf check: a row of a sample-epoch sums to NaN/inf if it holds any (a fast fused
@@ -256,12 +275,7 @@ def _block_task(x: np.ndarray, y: np.ndarray, *, resolved: dict, device: str, ta
                 raise AssertionError(f"compute_block output {name!r} has shape {values.shape}, "
                                      f"expected ({part.shape[1]},)")
             pieces.setdefault(name, []).append(values)
-    if bad_samples:
-        holder[0, 0, 0] = {_NONFINITE: (bad_per_epoch, bad_samples)}
-    else:
-        holder[0, 0, 0] = {name: np.concatenate(parts) for name, parts in pieces.items()}
-    del part, block, x
-    return holder
+    return bad_samples
 
 
 def _count_nonfinite(part, bad_per_epoch: np.ndarray) -> int:

@@ -37,12 +37,13 @@ Deviations and choices beyond the text of scores.md (also stated where they are 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -929,6 +930,22 @@ def _block_outputs(name: str, p: Mapping, b: BlockTensors) -> dict[str, torch.Te
     raise AssertionError(f"no block computation for registered score {name!r}")
 
 
+@contextlib.contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """Flush subnormal floats to zero in this thread while ``compute_block`` scores a block, then
+    restore IEEE behaviour (torch's default; the setting is the thread's MXCSR). Confident logits make
+    probabilities near 1e-35, whose squares and products underflow; every underflow costs a
+    microcode assist: the scores after the native kernel ran 6x slower on a block of logit
+    gaps in the hundreds (bench/block_task.py --scale 10). Scores move by less than 1e-38."""
+    if not torch.set_flush_denormal(True):  # not supported on this CPU: nothing was changed
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def native_checks(kernel: str, *, device: str | torch.device, resolved: Mapping[str, Mapping]) -> bool:
     """Whether ``compute_block`` will run the native kernel (which checks every logit for NaN/inf
     itself, so the caller need not): ``kernel`` native, on the CPU, T >= 2, the kernel loaded."""
@@ -967,7 +984,7 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
         raise _error("score.kernel", kernel, "eager or native (resolve auto first)")
     if nonfinite not in ("eager", "raise"):
         raise ValueError(f"nonfinite = {nonfinite!r}: expected eager or raise")
-    with torch.no_grad():
+    with torch.no_grad(), subnormals_flushed():
         div_epochs, div_kinds = _divergence_plan(resolved)
         # a worker without a C compiler (the kernel was resolved on the client) goes eager too
         on_native = native_checks(kernel, device=block.logits.device, resolved=resolved)

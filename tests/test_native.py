@@ -130,3 +130,17 @@ def test_kernel_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_LIB", None)
     stamp = path.stat().st_mtime_ns
     assert native.available() and path.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("kernel", ["eager", "native"])
+def test_scoring_leaves_subnormals_on(kernel):
+    """compute_block flushes subnormals while it scores (both kernels) and restores IEEE after."""
+    import torch
+
+    if kernel == "native" and not native.available():
+        pytest.skip("no C compiler for the native kernel")
+    z, y = _logits(5, 20, 6, scale=60.0)  # gaps of hundreds: probabilities far below 1e-38
+    out = compute_block(z, y, _all_methods(5), kernel=kernel)
+    assert all(np.isfinite(v).all() for name, v in out.items() if name != "forgetting")  # forgetting: inf if never learned
+    assert np.float32(1e-38) / np.float32(100) > 0
+    assert (torch.tensor([1e-38]) / 100).item() > 0
