@@ -323,7 +323,8 @@ def _tune_malloc() -> None:
     to 256 MiB. Freed memory then stays in the threads' heaps for the next block (peak RSS is
     the high-water mark of ``workers`` blocks, flat in N); ``_release_free_memory`` hands it
     back once the pass is over. (Trimming after every block, as before, cost 1.1 µs a sample,
-    a tenth of the scoring, to save about 30 MiB of peak RSS.) Process-wide, and meant for a process whose work is stage two (the CLI, a dask worker)."""
+    a tenth of the scoring, to save about 30 MiB of peak RSS.) Process-wide, and meant for a
+    process whose work is stage two (the CLI, a dask worker)."""
     global _malloc_tuned
     if _malloc_tuned:
         return
