@@ -37,7 +37,7 @@ Deviations and choices beyond the text of scores.md (also stated where they are 
 - Values below float32's normal range are not resolved in ``compute_block``: subnormals are
   flushed to zero while it scores (``subnormals_flushed``), and the native kernel takes the
   probability of a class 80 or more below the top logit as exp(-80)/s. Scores move by less
-  than 1e-28; both keep confident logits off slow paths (6x and 11x slower before).
+  than 1e-28; both keep confident logits off slow paths (4x and 11x slower before).
 """
 from __future__ import annotations
 
@@ -939,7 +939,7 @@ def subnormals_flushed() -> Iterator[None]:
     """Flush subnormal floats to zero in this thread while ``compute_block`` scores a block,
     then restore IEEE behaviour (torch's default; the setting is the thread's MXCSR).
     Confident logits make probabilities near 1e-35, whose squares and products underflow, and
-    every underflow costs a microcode assist: the scores after the native kernel ran 6x slower
+    every underflow costs a microcode assist: the scores after the native kernel ran 4x slower
     on a block of logit gaps in the hundreds (bench/block_task.py --scale 10). Scores move by
     less than 1e-38."""
     if not torch.set_flush_denormal(True):  # not supported on this CPU: nothing was changed
