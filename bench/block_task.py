@@ -50,16 +50,17 @@ def main() -> None:
     import torch
 
     from pipeline import compute, native
-    from pipeline.scores import SCORES, compute_block, resolve_methods
+    from pipeline.config import ScoreConfig
+    from pipeline.scores import compute_block, resolve_methods
+    from score_throughput import all_methods
 
     torch.set_num_threads(1)
     E, n, C = args.epochs, args.samples, args.classes
     x, y = random_walk(E, n, C, scale=args.scale)
-    methods = {name: ({} if name == "random" else {"trajectory": "all"}) for name in SCORES
-               if name not in ("wdu", "tsdd")}
-    resolved = resolve_methods(methods, epochs=E, prune_rate=0.5)
+    resolved = resolve_methods(all_methods(), epochs=E, prune_rate=0.5)
     compute._tune_malloc()  # as in a stage-two process
-    slice_samples = max(1, int(compute.SLICE_MB * 2**20 // (E * C * 4)))  # as score_store chooses
+    slice_samples = compute.slice_samples_of(slice_mb=compute.SLICE_MB, block_mb=ScoreConfig().block_mb,
+                                             epochs=E, num_classes=C)  # as score_store chooses
 
     def task(kernel: str):
         return lambda: compute._block_task(x, y.reshape(1, -1, 1), resolved=resolved, device="cpu",

@@ -36,6 +36,7 @@ __all__ = [
     "ScoreResult",
     "score_store",
     "choose_block",
+    "slice_samples_of",
     "check_unsplit",
     "check_block",
     "check_labels",
@@ -115,6 +116,12 @@ def choose_block(block_mb: float, *, epochs: int, num_classes: int, chunk: int, 
         return int(min(-(-chunk // parts), num_samples))
     block = max(1, wanted // chunk) * chunk
     return int(min(block, num_samples))
+
+
+def slice_samples_of(*, slice_mb: float, block_mb: float, epochs: int, num_classes: int) -> int:
+    """Samples per slice a block task scores at once: about ``min(slice_mb, block_mb)`` MiB of
+    float32 logits (all ``epochs`` epochs, all classes), at least one."""
+    return max(1, int(min(slice_mb, block_mb) * 2**20 // (epochs * num_classes * 4)))
 
 
 def check_unsplit(chunks: tuple[tuple[int, ...], ...], *, epochs: int, num_classes: int) -> None:
@@ -488,7 +495,7 @@ def score_store(
     logits = store.logits_array()
     chunk = int(logits.chunks[1])
     block = choose_block(block_mb, epochs=needed, num_classes=c, chunk=chunk, num_samples=n)
-    slice_samples = max(1, int(min(slice_mb, block_mb) * 2**20 // (needed * c * 4)))
+    slice_samples = slice_samples_of(slice_mb=slice_mb, block_mb=block_mb, epochs=needed, num_classes=c)
     kernel = resolve_kernel(kernel, device=device)
     tasks = _build_graph(store, resolved, epochs=needed, block=block, device=device,
                          slice_samples=slice_samples, kernel=kernel)

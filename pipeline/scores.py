@@ -967,9 +967,10 @@ def compute_block(logits: Any, labels: Any, resolved: Mapping[str, Mapping], *,
     epochs are ignored); labels: (n,) integers in [0, C). Softmax, log-softmax, g, correct and
     the margin are computed once (in float32 on ``device``) and shared. td_dyun contributes
     ``wdu`` and ``tsdd`` (its ranks need all N, see ``finalize``); random contributes nothing.
-    Returns name -> (n,) float32 numpy. NaN/inf checks on the logits are the caller's.
+    Returns name -> (n,) float32 numpy. Refusing NaN/inf logits is the caller's (the native
+    kernel finds them on its way: see ``nonfinite``).
     kernel: ``eager`` (torch ops) or ``native`` (``pipeline.native``'s one-pass kernel, CPU only,
-    the same values to float32 rounding; a block with a non-finite logit goes eager); resolve
+    the same values to float32 rounding); resolve
     ``auto`` first with ``resolve_kernel``. nonfinite: what the native kernel does with a block
     holding NaN or inf: ``eager`` scores it with the eager path (where -inf is legal and NaN gives
     NaN), ``raise`` raises ``native.NonFiniteLogits`` (stage two then reports the block).
