@@ -42,7 +42,42 @@ def test_blocked_equals_whole(make_store, samples):
     for name, expected in whole.items():
         got = result.arrays[name]
         assert got.shape == (300,), name
-        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6, err_msg=name)
+        bad = ~np.isclose(got, expected, rtol=2e-5, atol=1e-6)
+        assert not bad.any(), _explain_mismatch(store, resolved, logits, labels, result, whole, name, bad)
+
+
+def _explain_mismatch(store, resolved, logits, labels, result, whole, name, bad) -> str:
+    """A blocked-vs-whole mismatch, told so that one CI failure says where it came from: the
+    machine, the samples, and for each block holding them whether the store still reads back
+    the logits written, and what scoring the block again here (native kernel and eager, this
+    thread) gives, against the pass's value and the whole-array one."""
+    import platform
+
+    from pipeline import native
+
+    t, block = result.epochs_read, result.block
+    cpu = platform.processor()
+    if platform.system() == "Linux":  # the model, and whether the 512-bit vector path was built
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = (f"{info.get('model name')} (family {info.get('cpu family')}, model {info.get('model')}, "
+               f"avx512f {'avx512f' in info.get('flags', '').split()})")
+    rows = [f"{name}: {int(bad.sum())} of {bad.size} samples differ, at {np.flatnonzero(bad)[:12].tolist()}; "
+            f"CPU {cpu}; kernel {result.extra.get('kernel')} ({native.kernel_path().name})"]
+    read_back = store.read_epochs(0, t)
+    for b in np.unique(np.flatnonzero(bad) // block):
+        part = slice(b * block, min((b + 1) * block, bad.size))
+        again = {k: scores.compute_block(logits[:t, part], labels[part], resolved, kernel=k)[name]
+                 for k in ("native", "eager") if k == "eager" or native.available()}
+        def rel(a, ref):
+            return float(np.max(np.abs(a - ref) / (np.abs(ref) + 1e-6)))
+        rows.append(
+            f"block {b} (samples {part.start}..{part.stop - 1}): store reads back the written logits: "
+            f"{np.array_equal(read_back[:, part], logits[:t, part])}; max relative difference from the whole-array "
+            f"value: this pass {rel(result.arrays[name][part], whole[name][part]):.2e}, "
+            + ", ".join(f"{k} again {rel(v, whole[name][part]):.2e}" for k, v in again.items()))
+    return "\n".join(rows)
 
 
 def test_blocked_equals_whole_workers_and_progress(make_store, capsys):
