@@ -8,9 +8,10 @@ a tile of about 512 / C samples at a time, epoch by epoch (the tile's P and log 
 L1), with exp and log vectorised by glibc's libmvec, and checks every logit for NaN/inf on the
 way. It is C compiled here with the system's C compiler (``cc -O3 -march=native -ffast-math``,
 linked without it) into a cache folder keyed by the source, the flags and the CPU, and loaded
-with ctypes (which releases the GIL, so dask's threads run it in parallel). Where no compiler
-works, ``available()`` is False and the eager path is used: the results are the same to float32
-rounding (tests/test_native.py).
+with ctypes (which releases the GIL, so dask's threads run it in parallel). Once loaded, it is
+checked against float64 numpy (``self_check``). Where no compiler works, or the kernel fails its
+check, ``available()`` is False (``unavailable_reason()`` says why) and the eager path is used:
+the results are the same to float32 rounding (tests/test_native.py).
 
 Non-finite logits: ``-ffast-math`` assumes none, so the kernel checks the bits instead (an
 all-ones exponent) and ``epoch_statistics`` raises ``NonFiniteLogits``; ``compute_block`` then
@@ -26,11 +27,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["available", "epoch_statistics", "kernel_path", "NonFiniteLogits"]
+__all__ = ["available", "unavailable_reason", "epoch_statistics", "reference_statistics", "kernel_path",
+           "NonFiniteLogits"]
 
 
 class NonFiniteLogits(ValueError):
@@ -174,7 +177,15 @@ int64_t epoch_statistics(const float *z, const int64_t *y, int64_t T, int64_t n,
 """
 
 _LOCK = threading.Lock()
-_LIB: ctypes.CDLL | None | bool = None  # None: not tried yet; False: no compiler here
+_LIB: ctypes.CDLL | None | bool = None  # None: not tried yet; False: not usable here (see _WHY)
+_WHY = ""  # why the kernel is not usable here, once _LIB is False
+
+# The loaded kernel is checked once per process against float64 numpy (``reference_statistics``):
+# code built with -ffast-math -march=native by whatever compiler and libmvec a machine has could
+# otherwise give wrong scores without a sign. Its outputs lie within 5e-6 of the float64 values
+# on the check's input here (2026-12-05); 3e-5 leaves room for other CPUs' exp and log.
+CHECK_ATOL = 3e-5
+CHECK_RTOL = 1e-5
 
 
 def _cpu_signature() -> str:
@@ -211,7 +222,7 @@ def _compile(target: Path) -> None:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _LIB
+    global _LIB, _WHY
     with _LOCK:
         if _LIB is None:
             try:
@@ -223,15 +234,80 @@ def _load() -> ctypes.CDLL | None:
                 lib.epoch_statistics.argtypes = [f32, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_int64,
                                                  ctypes.c_int64, ctypes.c_float] + [f32] * 6
                 lib.epoch_statistics.restype = ctypes.c_int64
+            except (OSError, subprocess.SubprocessError) as exc:
+                _LIB, _WHY = False, f"no working C compiler to build it ({type(exc).__name__}: {exc})"
+                return None
+            problem = self_check(lambda z, y, eps: _run(lib, z, y, eps))
+            if problem:
+                _LIB, _WHY = False, f"{path.name} failed its check against float64 numpy: {problem}"
+                warnings.warn(f"native kernel not used (stage two runs eager): {_WHY}", RuntimeWarning,
+                              stacklevel=2)
+            else:
                 _LIB = lib
-            except (OSError, subprocess.SubprocessError):
-                _LIB = False
         return _LIB or None
 
 
 def available() -> bool:
-    """Whether the kernel is (or can be) compiled and loaded on this machine."""
+    """Whether the kernel is (or can be) compiled, loaded and checked on this machine."""
     return _load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why ``available()`` is False ("" while it is True or not yet tried)."""
+    _load()
+    return _WHY
+
+
+def _check_inputs() -> list[tuple[np.ndarray, np.ndarray]]:
+    """What the kernel is checked on: C = 7 over two tiles (the second partial) with two confident
+    samples (gaps of 200: the exp clamp), and C = 600 (tiles of one sample)."""
+    rng = np.random.default_rng(20261205)
+    z = (rng.standard_normal((3, 70, 7)) * 3).astype(np.float32)
+    y = rng.integers(0, 7, 70)
+    z[:, 0, y[0]] += 200.0  # learned: every other class 200 below the gold one
+    z[:, 1, (y[1] + 1) % 7] += 200.0  # mislabelled: the gold class 200 below another
+    wide = (rng.standard_normal((2, 2, 600)) * 2).astype(np.float32)
+    return [(z, y), (wide, rng.integers(0, 600, 2))]
+
+
+def self_check(statistics) -> str:
+    """"" if ``statistics`` (z, y, eps -> the six outputs of ``epoch_statistics``) agrees with
+    ``reference_statistics`` within ``CHECK_ATOL`` + ``CHECK_RTOL`` × |reference| on
+    ``_check_inputs()``; else the first output that does not, with its worst difference."""
+    names = ("gold", "margin", "entropy", "el2n", "kl", "abs_kl")
+    for z, y in _check_inputs():
+        try:
+            got = statistics(z, y, 1e-8)
+        except (NonFiniteLogits, MemoryError) as exc:
+            return f"on finite logits of shape {z.shape}: {exc}"
+        for name, a, b in zip(names, got, reference_statistics(z, y, 1e-8)):
+            if np.shape(a) != b.shape:
+                return f"{name} has shape {np.shape(a)}, expected {b.shape} (logits of shape {z.shape})"
+            err = np.abs(np.asarray(a, dtype=np.float64) - b)
+            if not np.all(err <= CHECK_ATOL + CHECK_RTOL * np.abs(b)):  # NaN fails too
+                return (f"{name} of shape {b.shape} is {np.nanmax(err):.3g} off, expected within "
+                        f"{CHECK_ATOL:g} + {CHECK_RTOL:g} x |value| (logits of shape {z.shape})")
+    return ""
+
+
+def reference_statistics(z: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
+    """The outputs of ``epoch_statistics`` in float64 numpy, straight from their definitions:
+    z (T, n, C), y (n,) -> gold, margin, entropy, el2n (T, n) and kl, abs_kl (T-1, n)."""
+    z = np.asarray(z, dtype=np.float64)
+    T, n, C = z.shape
+    shifted = z - z.max(axis=-1, keepdims=True)
+    total = np.exp(shifted).sum(axis=-1, keepdims=True)
+    log_p = shifted - np.log(total)
+    p = np.exp(log_p)
+    gold_idx = np.broadcast_to(np.asarray(y)[None, :, None], (T, n, 1))
+    onehot = np.arange(C) == np.asarray(y)[:, None]  # (n, C)
+    gold = np.take_along_axis(p, gold_idx, axis=-1)[..., 0]
+    margin = np.take_along_axis(z, gold_idx, axis=-1)[..., 0] - np.where(onehot, -np.inf, z).max(axis=-1)
+    entropy = -(p * log_p).sum(axis=-1)
+    el2n = np.sqrt(((p - onehot) ** 2).sum(axis=-1))
+    log_eps = np.log(p + eps)
+    terms = p[1:] * (log_eps[1:] - log_eps[:-1])
+    return gold, margin, entropy, el2n, terms.sum(axis=-1), np.abs(terms).sum(axis=-1)
 
 
 def epoch_statistics(z: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
@@ -240,7 +316,11 @@ def epoch_statistics(z: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarr
     if any logit is NaN or inf (checked on the bits in the same pass)."""
     lib = _load()
     if lib is None:
-        raise RuntimeError("the native kernel is not available on this machine (no working C compiler)")
+        raise RuntimeError(f"the native kernel is not available on this machine: {_WHY}")
+    return _run(lib, z, y, eps)
+
+
+def _run(lib: ctypes.CDLL, z: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
     z = np.ascontiguousarray(z, dtype=np.float32)
     y = np.ascontiguousarray(y, dtype=np.int64)
     T, n, C = z.shape

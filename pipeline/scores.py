@@ -726,7 +726,8 @@ def resolve_kernel(kernel: str, *, device: str) -> str:
     if kernel == "native" and not on_cpu:
         raise _error("score.kernel", kernel, f"eager or auto with score.device = {device} (native is CPU only)")
     if kernel == "native" and not native.available():
-        raise _error("score.kernel", kernel, "eager or auto: no working C compiler here to build the native kernel")
+        raise _error("score.kernel", kernel,
+                     f"eager or auto: the native kernel is not usable here ({native.unavailable_reason()})")
     return kernel
 
 

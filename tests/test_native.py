@@ -58,6 +58,46 @@ def test_native_statistics_on_hand_values():
     p1 = np.exp(np.float32(20.0)) / (np.exp(np.float32(20.0)) + 2)
     assert kl[0, 0] == pytest.approx(p1 * np.log((p1 + 1e-8) / (1 / 3 + 1e-8)), rel=1e-5)
     assert akl[0, 0] >= kl[0, 0]
+    for name, fast, exact in zip(("gold", "margin", "ent", "el2n", "kl", "akl"), (gold, margin, ent, el2n, kl, akl),
+                                 native.reference_statistics(z, np.array([0]), 1e-8)):
+        np.testing.assert_allclose(fast, exact, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@needs_native
+def test_self_check_passes_the_kernel_and_catches_a_wrong_one():
+    assert native.self_check(native.epoch_statistics) == ""
+
+    def off_by(factor, which):
+        def statistics(z, y, eps):
+            out = list(native.epoch_statistics(z, y, eps))
+            out[which] = out[which] * np.float32(factor)
+            return tuple(out)
+        return statistics
+
+    assert native.self_check(off_by(1 + 1e-6, 0)) == ""  # float32 rounding passes
+    assert native.self_check(off_by(1 + 1e-4, 0)).startswith("gold of shape (3, 70)")  # 100 ulp does not
+    assert native.self_check(off_by(1.001, 4)).startswith("kl of shape (2, 70)")
+    assert native.self_check(lambda z, y, eps: native.epoch_statistics(z[:2], y, eps)).startswith(
+        "gold has shape (2, 70), expected (3, 70)")
+
+
+def test_a_kernel_failing_its_check_is_not_used(tmp_path, monkeypatch):
+    if not native.available():
+        pytest.skip("no C compiler for the native kernel")
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "self_check", lambda statistics: "gold is 0.1 off")
+    with pytest.warns(RuntimeWarning, match="native kernel not used.*gold is 0.1 off"):
+        assert not native.available()
+    assert "failed its check against float64 numpy: gold is 0.1 off" in native.unavailable_reason()
+    assert resolve_kernel("auto", device="cpu") == "eager"
+    with pytest.raises(ScoreParamError, match=r"score.kernel = 'native'.*not usable here.*gold is 0.1 off"):
+        resolve_kernel("native", device="cpu")
+    with pytest.raises(RuntimeError, match="not available on this machine.*gold is 0.1 off"):
+        native.epoch_statistics(*_logits(3, 2, 3), 1e-8)
+    z, y = _logits(6, 30, 5)  # compute_block asked for native on such a machine scores eagerly
+    fast, eager = compute_block(z, y, _all_methods(6), kernel="native"), compute_block(z, y, _all_methods(6))
+    assert all(np.array_equal(fast[k], eager[k]) for k in eager)
+    monkeypatch.setattr(native, "_LIB", None)  # the next test loads the real one again
 
 
 @needs_native
