@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -47,10 +48,13 @@ class NonFiniteLogits(ValueError):
 # object linked with -ffast-math carries crtfastmath.o (GCC < 13), whose constructor turns on
 # flush-to-zero for the whole process when the library loads (tests/test_native.py checks not).
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
-if platform.machine().lower() in ("x86_64", "amd64"):
-    # GCC keeps to 256-bit vectors on AVX-512 CPUs unless told; 512 measured 12 % faster here
-    # (E=50, C=100). On a CPU without AVX-512 the option changes nothing.
-    FLAGS.append("-mprefer-vector-width=512")
+# More compile flags from TDDYUN_NATIVE_CFLAGS (shell words), e.g. "-mprefer-vector-width=512".
+# GCC keeps to 256-bit vectors on AVX-512 CPUs unless told, and so does this kernel by default:
+# 512-bit code lowers the clock of many Xeons for all the work on that core (torch, zarr's
+# decoding), and the one CI run with 512-bit vectors (2026-12-05) failed on one block whose
+# scores were about 1e-4 off, which nothing here reproduced. 512 measured 13 % faster for the
+# kernel alone, 10 % for a whole block task, on this machine (E=50, C=100, median of 9 rounds).
+CFLAGS_ENV = "TDDYUN_NATIVE_CFLAGS"
 LINK_FLAGS = ["-shared"]
 
 SOURCE = r"""
@@ -198,10 +202,14 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
+def _compile_flags() -> list[str]:
+    return FLAGS + shlex.split(os.environ.get(CFLAGS_ENV, ""))
+
+
 def kernel_path() -> Path:
     """Where the compiled kernel for this source, these flags and this CPU is cached."""
     root = Path(os.environ.get("TDDYUN_CACHE") or Path.home() / ".cache" / "tddyun") / "kernels"
-    recipe = repr((FLAGS, "-c", LINK_FLAGS, "-lm"))  # how it is built, so a change rebuilds it
+    recipe = repr((_compile_flags(), "-c", LINK_FLAGS, "-lm"))  # how it is built, so a change rebuilds it
     key = hashlib.sha256("\0".join([SOURCE, recipe, _cpu_signature()]).encode()).hexdigest()[:16]
     return root / f"epoch_statistics-{key}.so"
 
@@ -214,7 +222,7 @@ def _compile(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, obj, out = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
         src.write_text(SOURCE)
-        subprocess.run([compiler, *FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True,
+        subprocess.run([compiler, *_compile_flags(), "-c", str(src), "-o", str(obj)], check=True, capture_output=True,
                        timeout=120)
         subprocess.run([compiler, *LINK_FLAGS, str(obj), "-o", str(out), "-lm"], check=True, capture_output=True,
                        timeout=120)
@@ -235,7 +243,7 @@ def _load() -> ctypes.CDLL | None:
                                                  ctypes.c_int64, ctypes.c_float] + [f32] * 6
                 lib.epoch_statistics.restype = ctypes.c_int64
             except (OSError, subprocess.SubprocessError) as exc:
-                _LIB, _WHY = False, f"no working C compiler to build it ({type(exc).__name__}: {exc})"
+                _LIB, _WHY = False, _build_failure(exc)
                 return None
             problem = self_check(lambda z, y, eps: _run(lib, z, y, eps))
             if problem:
@@ -245,6 +253,15 @@ def _load() -> ctypes.CDLL | None:
             else:
                 _LIB = lib
         return _LIB or None
+
+
+def _build_failure(exc: Exception) -> str:
+    """Why the kernel could not be built or loaded, in a line."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        said = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        return (f"the C compiler failed on it ({' '.join(map(str, exc.cmd[:1]))} with "
+                f"{' '.join(_compile_flags())}: {said[-1] if said else 'exit ' + str(exc.returncode)})")
+    return f"no working C compiler to build it ({type(exc).__name__}: {exc})"
 
 
 def available() -> bool:

@@ -57,7 +57,7 @@ def _explain_mismatch(store, resolved, logits, labels, result, whole, name, bad)
 
     t, block = result.epochs_read, result.block
     cpu = platform.processor()
-    if platform.system() == "Linux":  # the model, and whether the 512-bit vector path was built
+    if platform.system() == "Linux":  # the model, and whether it has AVX-512
         info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
                     if ":" in line)
         info = {k.strip(): v.strip() for k, v in info.items()}

@@ -172,6 +172,21 @@ def test_kernel_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     assert native.available() and path.stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
+@needs_native
+def test_extra_compile_flags_build_their_own_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDDYUN_CACHE", str(tmp_path))
+    default = native.kernel_path()
+    monkeypatch.setenv(native.CFLAGS_ENV, "-funroll-loops")
+    monkeypatch.setattr(native, "_LIB", None)
+    assert native.kernel_path() != default
+    assert native.available() and native.kernel_path().is_file() and not default.exists()
+    monkeypatch.setenv(native.CFLAGS_ENV, "-fno-such-option-here")
+    monkeypatch.setattr(native, "_LIB", None)
+    assert not native.available()
+    assert "C compiler failed" in native.unavailable_reason() and "-fno-such-option-here" in native.unavailable_reason()
+    monkeypatch.setattr(native, "_LIB", None)  # the next test loads the real one again
+
+
 @pytest.mark.parametrize("kernel", ["eager", "native"])
 def test_scoring_leaves_subnormals_on(kernel):
     """compute_block flushes subnormals while it scores (both kernels) and restores IEEE after."""
