@@ -52,13 +52,14 @@ def _explain_mismatch(store, resolved, logits, labels, result, whole, name, bad)
     the logits written, and what scoring the block again here (native kernel and eager, this
     thread) gives, against the pass's value and the whole-array one."""
     import platform
+    from pathlib import Path
 
     from pipeline import native
 
     t, block = result.epochs_read, result.block
     cpu = platform.processor()
     if platform.system() == "Linux":  # the model, and whether it has AVX-512
-        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
                     if ":" in line)
         info = {k.strip(): v.strip() for k, v in info.items()}
         cpu = (f"{info.get('model name')} (family {info.get('cpu family')}, model {info.get('model')}, "
