@@ -52,8 +52,9 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
 # GCC keeps to 256-bit vectors on AVX-512 CPUs unless told, and so does this kernel by default:
 # 512-bit code lowers the clock of many Xeons for all the work on that core (torch, zarr's
 # decoding), and the one CI run with 512-bit vectors (2026-12-05) failed on one block whose
-# scores were about 1e-4 off, which nothing here reproduced. 512 measured 13 % faster for the
-# kernel alone, 10 % for a whole block task, on this machine (E=50, C=100, median of 9 rounds).
+# scores were about 1e-4 off, which nothing here reproduced. 512 measured 8-13 % faster for the
+# kernel alone and 2-10 % for a whole block task in two runs on this machine, and the same end to
+# end (E=50, C=100; docs/benchmarks.md).
 CFLAGS_ENV = "TDDYUN_NATIVE_CFLAGS"
 LINK_FLAGS = ["-shared"]
 

@@ -51,19 +51,14 @@ def _explain_mismatch(store, resolved, logits, labels, result, whole, name, bad)
     machine, the samples, and for each block holding them whether the store still reads back
     the logits written, and what scoring the block again here (native kernel and eager, this
     thread) gives, against the pass's value and the whole-array one."""
-    import platform
-    from pathlib import Path
-
     from pipeline import native
 
+    def rel(a, ref):
+        return float(np.max(np.abs(a - ref) / (np.abs(ref) + 1e-6)))
+
     t, block = result.epochs_read, result.block
-    cpu = platform.processor()
-    if platform.system() == "Linux":  # the model, and whether it has AVX-512
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                    if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        cpu = (f"{info.get('model name')} (family {info.get('cpu family')}, model {info.get('model')}, "
-               f"avx512f {'avx512f' in info.get('flags', '').split()})")
+    model, _, flags = native._cpu_signature().partition("\n")  # /proc/cpuinfo's model name and flags
+    cpu = f"{model.partition(':')[2].strip()} (avx512f {'avx512f' in flags.split()})"
     rows = [f"{name}: {int(bad.sum())} of {bad.size} samples differ, at {np.flatnonzero(bad)[:12].tolist()}; "
             f"CPU {cpu}; kernel {result.extra.get('kernel')} ({native.kernel_path().name})"]
     read_back = store.read_epochs(0, t)
@@ -71,8 +66,6 @@ def _explain_mismatch(store, resolved, logits, labels, result, whole, name, bad)
         part = slice(b * block, min((b + 1) * block, bad.size))
         again = {k: scores.compute_block(logits[:t, part], labels[part], resolved, kernel=k)[name]
                  for k in ("native", "eager") if k == "eager" or native.available()}
-        def rel(a, ref):
-            return float(np.max(np.abs(a - ref) / (np.abs(ref) + 1e-6)))
         rows.append(
             f"block {b} (samples {part.start}..{part.stop - 1}): store reads back the written logits: "
             f"{np.array_equal(read_back[:, part], logits[:t, part])}; max relative difference from the whole-array "

@@ -81,9 +81,8 @@ def test_self_check_passes_the_kernel_and_catches_a_wrong_one():
         "gold has shape (2, 70), expected (3, 70)")
 
 
-def test_a_kernel_failing_its_check_is_not_used(tmp_path, monkeypatch):
-    if not native.available():
-        pytest.skip("no C compiler for the native kernel")
+@needs_native
+def test_a_kernel_failing_its_check_is_not_used(monkeypatch):
     monkeypatch.setattr(native, "_LIB", None)
     monkeypatch.setattr(native, "self_check", lambda statistics: "gold is 0.1 off")
     with pytest.warns(RuntimeWarning, match="native kernel not used.*gold is 0.1 off"):
